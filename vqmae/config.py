@@ -1,0 +1,233 @@
+"""Configuration: one frozen dataclass per concern, grouped in `Config`.
+
+Presets (`tiny` for CPU tests, `paper` for DESIGN.md §2) build a `Config`; `--set key=value`
+overrides are parsed against the dataclass field types, so `--set audio.n_fft=abc` or an unknown key
+fails before any work starts. The resolved config is stored as a plain dict in every artifact and
+models are rebuilt from that dict (`Config.from_dict`), never from the current command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A bad preset name, unknown key or badly typed override."""
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    win_length: int = 1024
+    hop_length: int = 320  # 16000 / 320 = 50 spectrogram frames per second
+    peak_normalize: bool = True
+    griffin_lim_iters: int = 32
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    fps: float = 25.0
+    # Frames decoded per batch when streaming a long file: bounds memory independently of its length.
+    chunk_frames: int = 128
+    # Longest side of frames handed to the face detector (decode-time resize keeps detection cheap).
+    max_side: int = 640
+
+
+@dataclass(frozen=True)
+class FaceConfig:
+    mode: Literal["auto", "fan", "haar", "none"] = "auto"
+    size: int = 96
+    # Crop side relative to the detected box side (haar boxes are tight around eyes and mouth).
+    box_scale: float = 1.4
+    # Detection runs on every `detect_every`-th frame; boxes in between are interpolated.
+    detect_every: int = 1
+    # Half-width (frames) of the moving median/mean used to smooth box tracks.
+    smooth_frames: int = 2
+    min_face_frac: float = 0.1  # smallest face side as a fraction of the frame's shorter side
+    fan_device: str = "cpu"
+    fan_detector: Literal["haar", "sfd", "blazeface"] = "haar"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n_speakers: int = 6
+    clips_per_speaker: int = 48
+    audio_only_per_speaker: int = 8
+    emotions: tuple[str, ...] = ("neutral", "happy", "sad", "angry")
+    min_seconds: float = 2.0
+    max_seconds: float = 4.0
+    frame_size: int = 160
+    audio_rate: int = 16000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # Clips per part segment: one segment is written, then renamed into place in one step.
+    segment_clips: int = 32
+    audio_chunk_rows: int = 4096
+    visual_chunk_rows: int = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    device: str = "auto"
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Rebuild from a stored dict; keys this version does not know are an error."""
+        return _from_dict(cls, data, prefix="")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {[prefix + k for k in unknown]}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(tp, value, prefix + name)
+    return cls(**kwargs)
+
+
+def _tiny() -> Config:
+    return Config(
+        preset="tiny",
+        video=VideoConfig(chunk_frames=64),
+        synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
+                          min_seconds=1.0, max_seconds=2.0, frame_size=128),
+        store=StoreConfig(segment_clips=4, audio_chunk_rows=512, visual_chunk_rows=128),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"paper": Config, "tiny": _tiny}
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key `--set` accepts."""
+    cfg = cfg or Config()
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                out.append(prefix + f.name)
+
+    walk(cfg, "")
+    return out
+
+
+def load_config(preset: str = "paper", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a preset and apply `key=value` overrides (dotted keys, values checked against types)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        cfg = set_key(cfg, key.strip(), raw.strip())
+    return cfg
+
+
+def set_key(cfg: Any, key: str, raw: str) -> Any:
+    """Return a copy of `cfg` with dotted `key` set to the string `raw` parsed to the field's type."""
+    head, _, rest = key.partition(".")
+    names = {f.name for f in fields(cfg)}
+    if head not in names:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    hints = typing.get_type_hints(type(cfg))
+    current = getattr(cfg, head)
+    if is_dataclass(current):
+        if not rest:
+            raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
+        return replace(cfg, **{head: set_key(current, rest, raw)})
+    if rest:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    return replace(cfg, **{head: _parse(hints[head], raw, key)})
+
+
+def _parse(tp: Any, raw: str, key: str) -> Any:
+    """Parse a command-line string into type `tp` (int, float, bool, str, Literal, tuple[...])."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        items = [s.strip() for s in raw.strip("()[]").split(",") if s.strip()]
+        args = get_args(tp)
+        item_tp = args[0] if args else str
+        return tuple(_parse(item_tp, s, key) for s in items)
+    try:
+        if raw.startswith(("[", "{", '"')) or tp in (int, float, bool):
+            value = json.loads(raw.lower() if tp is bool else raw)
+        else:
+            value = raw
+    except json.JSONDecodeError:
+        raise ConfigError(f"{key}={raw!r}: expected {_type_name(tp)}") from None
+    return _coerce(tp, value, key)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}={value!r}: expected one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        return _coerce(args[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        item_tp = get_args(tp)[0] if get_args(tp) else Any
+        return tuple(_coerce(item_tp, v, key) for v in value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
