@@ -1,4 +1,22 @@
+"""The `vqmae` command line: one typer app, stage commands registered from their own modules."""
+
+from __future__ import annotations
+
 import typer
-app = typer.Typer()
-@app.command()
-def synth(): pass
+
+from cli import ingest, inspect, synth
+
+app = typer.Typer(
+    help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+app.command("synth")(synth.synth)
+app.command("ingest")(ingest.ingest)
+app.command("inspect")(inspect.inspect)
+
+
+if __name__ == "__main__":
+    app()
