@@ -63,6 +63,42 @@ class FaceConfig:
 
 
 @dataclass(frozen=True)
+class AudioVQConfig:
+    """Audio VQ-VAE: one power-spectrogram frame [513] → [n_tokens] codes (DESIGN.md §2)."""
+
+    n_tokens: int = 64
+    codebook_size: int = 256
+    code_dim: int = 8
+    channels: int = 64
+    commitment: float = 0.25
+    ema_decay: float = 0.99
+    # training
+    steps: int = 20000
+    batch_frames: int = 512
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    max_train_clips: int = 0  # 0 = every clip of the corpus
+
+
+@dataclass(frozen=True)
+class VisualVQConfig:
+    """Visual VQ-VAE: one RGB face crop [3, 96, 96] → [24, 24] codes (DESIGN.md §2)."""
+
+    codebook_size: int = 512
+    code_dim: int = 4
+    channels: int = 128
+    n_res_blocks: int = 2
+    commitment: float = 0.25
+    ema_decay: float = 0.99
+    # training
+    steps: int = 20000
+    batch_frames: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    max_train_clips: int = 0
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     n_speakers: int = 6
     clips_per_speaker: int = 48
@@ -91,6 +127,8 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     face: FaceConfig = field(default_factory=FaceConfig)
+    audio_vq: AudioVQConfig = field(default_factory=AudioVQConfig)
+    visual_vq: VisualVQConfig = field(default_factory=VisualVQConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -126,6 +164,9 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
+        audio_vq=AudioVQConfig(channels=32, steps=300, batch_frames=256, warmup_steps=30),
+        visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
+                                 warmup_steps=30),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
                           min_seconds=1.0, max_seconds=2.0, frame_size=128),
         store=StoreConfig(segment_clips=4, audio_chunk_rows=512, visual_chunk_rows=128),
