@@ -1,0 +1,47 @@
+import os
+import signal
+import time
+
+import pytest
+
+from vqmae.isolate import isolated_map
+
+
+def square_or_die(x):
+    if x == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if x == "hang":
+        time.sleep(60)
+    if x == "raise":
+        raise ValueError("bad item")
+    return x * x
+
+
+def by_index(outcomes):
+    return {o.index: o for o in outcomes}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_results_and_exceptions(workers):
+    out = by_index(isolated_map(square_or_die, [1, 2, "raise", 4], workers=workers, context="fork"))
+    assert [out[i].value for i in (0, 1, 3)] == [1, 4, 16]
+    assert not out[2].ok and out[2].error == "bad item" and isinstance(out[2].exception, ValueError)
+    assert not out[2].crashed
+
+
+def test_crash_fails_only_that_item_and_run_continues():
+    items = [1, "segv", 3, 4, "segv", 6]
+    out = by_index(isolated_map(square_or_die, items, workers=2, context="fork"))
+    assert sorted(out) == list(range(6))
+    for i in (1, 4):
+        assert not out[i].ok and out[i].crashed
+        assert out[i].error == "worker crashed: killed by SIGSEGV"
+    assert [out[i].value for i in (0, 2, 3, 5)] == [1, 9, 16, 36]
+
+
+def test_timeout_kills_hung_worker():
+    t0 = time.monotonic()
+    out = by_index(isolated_map(square_or_die, ["hang", 2, 3], workers=1, timeout=1.0, context="fork"))
+    assert time.monotonic() - t0 < 30
+    assert out[0].error == "timed out after 1 s" and out[0].crashed
+    assert out[1].value == 4 and out[2].value == 9

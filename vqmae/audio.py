@@ -1,0 +1,109 @@
+"""Audio features: peak normalisation, power STFT frames and their inverse (DESIGN.md §2).
+
+Spectrograms are time-major, `[..., n_frames, n_bins]`, because the audio tokenizer encodes one
+frame at a time. At the defaults one second of 16 kHz audio gives 50 frames of 513 bins, exactly two
+audio frames per 25 fps video frame.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vqmae.config import AudioConfig
+
+# Samples below this peak are treated as silence: normalising them would only amplify noise.
+SILENCE_PEAK = 1e-4
+
+
+class SilentAudioError(ValueError):
+    """The waveform has no signal to normalise."""
+
+
+def exact_div(x: int, y: int) -> int:
+    if x % y:
+        raise ValueError(f"{x} is not divisible by {y}")
+    return x // y
+
+
+def samples_per_video_frame(cfg: AudioConfig, fps: float) -> int:
+    """Audio samples covered by one video frame (640 at 16 kHz / 25 fps); must be whole hops."""
+    spf = cfg.sample_rate / fps
+    if spf != int(spf):
+        raise ValueError(f"sample_rate {cfg.sample_rate} / fps {fps} is not an integer")
+    exact_div(int(spf), cfg.hop_length)
+    return int(spf)
+
+
+def peak_normalize(wave: torch.Tensor) -> torch.Tensor:
+    """Scale `wave` [..., N] so its absolute peak is 1; raises SilentAudioError on silence."""
+    peak = wave.abs().amax(dim=-1, keepdim=True)
+    if bool((peak < SILENCE_PEAK).any()):
+        raise SilentAudioError(f"audio is silent (peak amplitude {float(peak.min()):.2e})")
+    return wave / peak
+
+
+def _window(cfg: AudioConfig, device: torch.device) -> torch.Tensor:
+    return torch.hann_window(cfg.win_length, device=device)
+
+
+def power_spectrogram(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """Power STFT of `wave` [..., N] → [..., N // hop + 1, n_bins] (center=True, Hann window).
+
+    Computed in fp32 whatever the ambient autocast, since the inverse and the IS loss are sensitive.
+    """
+    lead = wave.shape[:-1]
+    flat = wave.reshape(-1, wave.shape[-1]).float()  # [B, N]
+    spec = torch.stft(
+        flat, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+        window=_window(cfg, flat.device), center=True, pad_mode="reflect", return_complex=True,
+    )  # [B, F, T]
+    power = spec.real.square() + spec.imag.square()
+    return power.transpose(1, 2).reshape(*lead, power.shape[-1], power.shape[1])
+
+
+def stft_phase(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """Phase of the STFT of `wave` [N] → [n_frames, n_bins], for inversion with a known phase."""
+    spec = torch.stft(
+        wave.float(), cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+        window=_window(cfg, wave.device), center=True, pad_mode="reflect", return_complex=True,
+    )
+    return spec.angle().transpose(0, 1)
+
+
+def inverse_power(power: torch.Tensor, phase: torch.Tensor, cfg: AudioConfig,
+                  length: int | None = None) -> torch.Tensor:
+    """Waveform from power [T, F] and phase [T, F] (both time-major) → [N]."""
+    spec = torch.polar(power.clamp_min(0).sqrt().float(), phase.float()).transpose(0, 1)  # [F, T]
+    return torch.istft(spec, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+                       window=_window(cfg, power.device), center=True, length=length)
+
+
+def griffin_lim(power: torch.Tensor, cfg: AudioConfig, n_iter: int | None = None,
+                length: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Estimate a waveform [N] from a power spectrogram [T, F] by Griffin-Lim phase recovery.
+
+    Uses the "fast" momentum variant (Perraudin et al. 2013, momentum 0.99) so a few dozen
+    iterations give listenable reconstructions of tokenizer outputs.
+    """
+    n_iter = cfg.griffin_lim_iters if n_iter is None else n_iter
+    mag = power.clamp_min(0).sqrt().float().transpose(0, 1)  # [F, T]
+    window = _window(cfg, power.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    angles = torch.polar(torch.ones_like(mag), 2 * torch.pi * torch.rand(mag.shape, generator=gen).to(mag))
+    prev = torch.zeros_like(angles)
+    kw = dict(n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length, window=window,
+              center=True)
+    n_samples = length or (mag.shape[1] - 1) * cfg.hop_length
+    for _ in range(n_iter):
+        wave = torch.istft(mag * angles, length=n_samples, **kw)
+        rebuilt = torch.stft(wave, pad_mode="reflect", return_complex=True, **kw)
+        angles = rebuilt - 0.99 * prev
+        prev = rebuilt
+        angles = angles / angles.abs().clamp_min(1e-16)
+    return torch.istft(mag * angles, length=n_samples, **kw)
+
+
+def frames_for_samples(n_samples: int, cfg: AudioConfig) -> int:
+    """Spectrogram frames kept for a waveform of `n_samples`: one per full hop (the trailing
+    center-padding frame is dropped so that frames = 2 × video frames exactly)."""
+    return n_samples // cfg.hop_length

@@ -1,0 +1,173 @@
+"""Run a function over many items in worker processes that may crash without taking the run down.
+
+decord (unmaintained since 2021) can segfault on some corrupt files. `isolated_map` gives each worker
+one item at a time over its own pipe, so when a worker dies the parent knows exactly which file killed
+it, records that file as failed ("decoder crashed: killed by SIGSEGV"), starts a fresh worker and goes
+on. A per-item timeout catches decoders that hang.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    index: int  # position of the item in the input
+    item: Any
+    ok: bool
+    value: Any = None  # fn(item) when ok
+    error: str = ""  # why it failed when not ok
+    exception: BaseException | None = None
+    crashed: bool = False  # the worker died or hung on this item (it was replaced)
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) if str(e) else type(e).__name__
+
+
+def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    faulthandler.disable()  # a crash is reported by the parent, naming the file; no C traceback spam
+    if initializer is not None:
+        initializer(*initargs)
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        index, item = task
+        try:
+            conn.send((index, True, fn(item), None))
+        except Exception as e:  # noqa: BLE001 - any failure of one item is reported, not fatal
+            log.debug("item %d failed:\n%s", index, traceback.format_exc())
+            try:
+                conn.send((index, False, None, e))
+            except Exception:  # noqa: BLE001 - unpicklable exception: send its text
+                conn.send((index, False, None, RuntimeError(_describe(e))))
+
+
+class _Slot:
+    def __init__(self, ctx, fn, initializer, initargs):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(fn, child, initializer, initargs), daemon=True)
+        self.proc.start()
+        child.close()
+        self.task: tuple[int, Any] | None = None
+        self.since = 0.0
+
+    def give(self, index: int, item: Any) -> None:
+        self.task = (index, item)
+        self.since = time.monotonic()
+        self.conn.send((index, item))
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _crash_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"worker crashed: killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"worker crashed: killed by signal {-exitcode}"
+    return f"worker exited unexpectedly (exit code {exitcode})"
+
+
+def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1, *,
+                 timeout: float | None = None, initializer: Callable | None = None,
+                 initargs: tuple = (), context: str = "spawn") -> Iterator[Outcome]:
+    """Yield an `Outcome` per item, in completion order, computing `fn(item)` in `workers` processes.
+
+    `fn` must be importable by the workers (a module-level function). `workers=0` runs in this
+    process: no crash isolation, but easy to debug. Exceptions raised by `fn` become failed
+    outcomes carrying the exception; a worker that dies or exceeds `timeout` seconds on an item fails
+    that item only and is replaced.
+    """
+    todo = deque(enumerate(items))
+    if workers <= 0:
+        if initializer is not None:
+            initializer(*initargs)
+        for index, item in todo:
+            try:
+                yield Outcome(index, item, True, fn(item))
+            except Exception as e:  # noqa: BLE001
+                yield Outcome(index, item, False, error=_describe(e), exception=e)
+        return
+
+    ctx = mp.get_context(context)
+    slots = [_Slot(ctx, fn, initializer, initargs) for _ in range(min(workers, max(len(todo), 1)))]
+    try:
+        for slot in slots:
+            if todo:
+                slot.give(*todo.popleft())
+        while any(s.task is not None for s in slots):
+            busy = [s for s in slots if s.task is not None]
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy],
+                         timeout=_time_left(busy, timeout))
+            for i, slot in enumerate(slots):
+                if slot.task is None:
+                    continue
+                outcome = _collect(slot, ready, timeout)
+                if outcome is None:
+                    continue
+                yield outcome
+                if outcome.crashed:
+                    slot.stop(kill=True)
+                    slot = slots[i] = _Slot(ctx, fn, initializer, initargs)
+                if todo:
+                    slot.give(*todo.popleft())
+    finally:
+        for slot in slots:
+            slot.stop(kill=slot.task is not None)
+
+
+def _time_left(busy: list[_Slot], timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    now = time.monotonic()
+    return max(0.0, min(s.since + timeout - now for s in busy))
+
+
+def _collect(slot: _Slot, ready: list, timeout: float | None) -> Outcome | None:
+    """The slot's finished outcome, or None while it is still working."""
+    index, item = slot.task
+    if slot.conn in ready:
+        try:
+            got, ok, value, exc = slot.conn.recv()
+        except (EOFError, OSError):
+            got = None
+        if got == index:
+            slot.task = None
+            if ok:
+                return Outcome(index, item, True, value)
+            return Outcome(index, item, False, error=_describe(exc), exception=exc)
+    if slot.proc.sentinel in ready or not slot.proc.is_alive():
+        slot.proc.join(timeout=1)
+        slot.task = None
+        return Outcome(index, item, False, error=_crash_reason(slot.proc.exitcode), crashed=True)
+    if timeout is not None and time.monotonic() - slot.since > timeout:
+        slot.task = None
+        return Outcome(index, item, False, error=f"timed out after {timeout:g} s", crashed=True)
+    return None

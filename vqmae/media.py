@@ -1,0 +1,203 @@
+"""Media decoding with decord: video frames resampled to a fixed rate by timestamp, audio as 16 kHz mono.
+
+Every failure is a `MediaError` whose message starts with the file path and says why. Long videos are
+read in chunks (`iter_video`) so memory stays bounded by `chunk_frames`, not by the file's length.
+decord can crash the whole process on some corrupt files; `vqmae.isolate` runs decoding in worker
+processes so one such file cannot take a batch run down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".flv", ".webm", ".m4v", ".mpg", ".mpeg"})
+AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus"})
+
+
+class MediaError(Exception):
+    """A file that cannot be decoded: `str(e)` is '<path>: <reason>'."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep (path, reason) across process boundaries
+        return (type(self), (self.path, self.reason))
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def _first_line(e: Exception) -> str:
+    """decord errors carry a C++ source location prefix and stack text; keep the useful part."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "ERROR opening:" in text:
+        text = text.split("ERROR opening:", 1)[1].split(",", 1)[-1].strip()
+    elif "] " in text and text.startswith("["):
+        text = text.split(": ", 1)[-1]
+    return text
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise MediaError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "file is empty (0 bytes)")
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the audio stream of a video or audio file → float32 mono [N] at `sample_rate`.
+
+    decord resamples and downmixes, so any input rate and channel count is accepted.
+    """
+    from decord import AudioReader, cpu
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        reader = AudioReader(str(path), ctx=cpu(0), sample_rate=sample_rate, mono=True)
+    except Exception as e:  # noqa: BLE001 - decord raises DECORDError/RuntimeError indiscriminately
+        reason = _first_line(e)
+        if "Can't find audio stream" in reason or "find audio stream" in str(e):
+            raise MediaError(path, "no audio stream") from None
+        raise MediaError(path, f"cannot open audio ({reason})") from None
+    try:
+        wave = reader[:].asnumpy()
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(path, f"audio decoding failed ({_first_line(e)})") from None
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise MediaError(path, "audio stream has no samples")
+    if not np.isfinite(wave).all():
+        raise MediaError(path, "audio contains NaN or infinite samples")
+    return wave
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    n_source_frames: int
+    source_fps: float
+    duration: float  # seconds, end time of the last frame
+    width: int
+    height: int
+
+    def n_frames(self, fps: float) -> int:
+        """Frames after resampling to `fps`."""
+        return int(np.floor(self.duration * fps + 1e-6))
+
+
+def _open_video(path: Path, max_side: int):
+    from decord import VideoReader, cpu
+
+    _check_file(path)
+    try:
+        reader = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(path, _open_failure(e)) from None
+    if len(reader) == 0:
+        raise MediaError(path, "video stream has no frames")
+    h, w = _shape(reader, path)
+    scale = max_side / max(h, w)
+    if scale < 1:  # decode-time resize: detection and cropping never need more than max_side
+        nw, nh = _even(w * scale), _even(h * scale)
+        try:
+            reader = VideoReader(str(path), ctx=cpu(0), width=nw, height=nh, num_threads=1)
+        except Exception as e:  # noqa: BLE001
+            raise MediaError(path, _open_failure(e)) from None
+    return reader
+
+
+def _open_failure(e: Exception) -> str:
+    reason = _first_line(e)
+    if reason.startswith("Error reading"):  # decord hides FFmpeg's reason in its own log
+        return "cannot open video: not a readable media container (corrupt, truncated or unsupported)"
+    return f"cannot open video ({reason})"
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def _shape(reader, path: Path) -> tuple[int, int]:
+    try:
+        frame = reader.get_batch([0]).asnumpy()
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(path, f"cannot decode the first frame ({_first_line(e)})") from None
+    reader.seek(0)
+    return frame.shape[1], frame.shape[2]
+
+
+def _timestamps(reader, path: Path) -> np.ndarray:
+    """[n, 2] start/end seconds of every source frame (from packet timestamps, so VFR is handled)."""
+    try:
+        ts = np.asarray(reader.get_frame_timestamp(np.arange(len(reader))), dtype=np.float64)
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(path, f"cannot read frame timestamps ({_first_line(e)})") from None
+    if ts.ndim != 2 or len(ts) == 0 or not np.isfinite(ts).all():
+        raise MediaError(path, "video frame timestamps are missing or invalid")
+    return ts
+
+
+def resample_indices(starts: np.ndarray, fps: float, n_out: int) -> np.ndarray:
+    """Source frame index shown at each output time k / fps, k < n_out.
+
+    `starts` [n] are the source frames' presentation times (sorted here, as B-frames may arrive out of
+    order in containers). Output [n_out] int64: the last source frame starting at or before each
+    target instant, i.e. what a player would display. Works for any input rate, constant or variable.
+    """
+    order = np.argsort(starts, kind="stable")
+    t = np.arange(n_out, dtype=np.float64) / fps + 1e-6
+    pos = np.searchsorted(starts[order] - starts[order][0], t, side="right") - 1
+    return order[np.clip(pos, 0, len(starts) - 1)]
+
+
+def probe_video(path: str | os.PathLike, max_side: int = 640) -> VideoInfo:
+    path = Path(path)
+    reader = _open_video(path, max_side)
+    ts = _timestamps(reader, path)
+    h, w = _shape(reader, path)
+    duration = float(ts[:, 1].max() - ts[:, 0].min())
+    return VideoInfo(str(path), len(reader), float(reader.get_avg_fps()), duration, w, h)
+
+
+def iter_video(path: str | os.PathLike, fps: float = 25.0, chunk_frames: int = 128,
+               max_side: int = 640) -> Iterator[np.ndarray]:
+    """Yield the video resampled to `fps` as uint8 RGB chunks [t, H, W, 3], t ≤ chunk_frames.
+
+    Frames are picked by timestamp (29.97, 30, 23.976 and variable-rate inputs all map onto the same
+    25 fps grid); frames larger than `max_side` are downscaled by the decoder.
+    """
+    path = Path(path)
+    reader = _open_video(path, max_side)
+    ts = _timestamps(reader, path)
+    duration = float(ts[:, 1].max() - ts[:, 0].min())
+    n_out = int(np.floor(duration * fps + 1e-6))
+    if n_out == 0:
+        raise MediaError(path, f"video is shorter than one frame at {fps:g} fps ({duration:.3f} s)")
+    index = resample_indices(ts[:, 0], fps, n_out)
+    for lo in range(0, n_out, chunk_frames):
+        want = index[lo:lo + chunk_frames]
+        uniq, inverse = np.unique(want, return_inverse=True)
+        try:
+            frames = reader.get_batch(uniq.tolist()).asnumpy()  # [u, H, W, 3]
+        except Exception as e:  # noqa: BLE001
+            raise MediaError(
+                path, f"decoding failed at source frame {int(uniq[0])} of {len(reader)} "
+                      f"(truncated or corrupt file?) ({_first_line(e)})") from None
+        yield frames[inverse]
+
+
+def read_video(path: str | os.PathLike, fps: float = 25.0, max_side: int = 640) -> np.ndarray:
+    """Whole video resampled to `fps`: uint8 [T, H, W, 3]. Prefer `iter_video` for long files."""
+    return np.concatenate(list(iter_video(path, fps, chunk_frames=256, max_side=max_side)))
