@@ -206,21 +206,22 @@ def load_config(preset: str = "paper", overrides: typing.Sequence[str] = ()) -> 
     return cfg
 
 
-def set_key(cfg: Any, key: str, raw: str) -> Any:
+def set_key(cfg: Any, key: str, raw: str, _prefix: str = "") -> Any:
     """Return a copy of `cfg` with dotted `key` set to the string `raw` parsed to the field's type."""
     head, _, rest = key.partition(".")
+    full = _prefix + key
     names = {f.name for f in fields(cfg)}
     if head not in names:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(valid_keys())}")
     hints = typing.get_type_hints(type(cfg))
     current = getattr(cfg, head)
     if is_dataclass(current):
         if not rest:
-            raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
-        return replace(cfg, **{head: set_key(current, rest, raw)})
+            raise ConfigError(f"{full!r} is a section; set one of its fields, e.g. {full}.<field>=...")
+        return replace(cfg, **{head: set_key(current, rest, raw, _prefix + head + ".")})
     if rest:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
-    return replace(cfg, **{head: _parse(hints[head], raw, key)})
+        raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(valid_keys())}")
+    return replace(cfg, **{head: _parse(hints[head], raw, full)})
 
 
 def _parse(tp: Any, raw: str, key: str) -> Any:

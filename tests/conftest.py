@@ -1,0 +1,76 @@
+"""Shared fixtures: small real media files written with PyAV and the stdlib `wave` module."""
+
+from __future__ import annotations
+
+import fractions
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_video(path: Path, fps: float = 25.0, n_frames: int = 50, size: int = 64, audio: bool = True,
+                frame_fn=None, audio_seconds: float | None = None, faststart: bool = False,
+                timestamps: list[float] | None = None) -> Path:
+    """H.264 mp4 whose frame k has every pixel equal to `frame_fn(k)` (default (7 k) mod 256).
+
+    `timestamps` (seconds) makes a variable-frame-rate file; `audio` adds an AAC 440 Hz tone.
+    """
+    import av
+
+    frame_fn = frame_fn or (lambda k: np.full((size, size, 3), (7 * k) % 256, np.uint8))
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as out:
+        rate = fractions.Fraction(fps).limit_denominator(1001)
+        v = out.add_stream("libx264", rate=rate)
+        v.width = v.height = size
+        v.pix_fmt = "yuv420p"
+        if timestamps is not None:
+            v.codec_context.time_base = fractions.Fraction(1, 1000)
+        if audio:
+            a = out.add_stream("aac", rate=16000)
+            a.layout = "mono"
+        for k in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(frame_fn(k), format="rgb24")
+            if timestamps is not None:
+                frame.pts = int(round(timestamps[k] * 1000))
+                frame.time_base = fractions.Fraction(1, 1000)
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+        if audio:
+            secs = audio_seconds if audio_seconds is not None else n_frames / fps
+            t = np.arange(int(16000 * secs)) / 16000
+            x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            af = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+            af.sample_rate = 16000
+            for p in a.encode(af):
+                out.mux(p)
+            for p in a.encode(None):
+                out.mux(p)
+    return path
+
+
+def write_wav(path: Path, signal: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
+    """16-bit PCM wav from float samples in [-1, 1] ([N] or [N, channels])."""
+    data = (np.clip(signal, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(data.tobytes())
+    return path
+
+
+def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.6 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture
+def media_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "media"
+    d.mkdir()
+    return d

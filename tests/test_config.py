@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from vqmae.config import Config, ConfigError, load_config, valid_keys
+
+
+def test_presets_differ_and_roundtrip():
+    paper, tiny = load_config("paper"), load_config("tiny")
+    assert paper.audio.n_bins == 513 and paper.audio.frame_rate == 50.0
+    assert tiny.preset == "tiny" and tiny.synth.n_speakers < paper.synth.n_speakers
+    for cfg in (paper, tiny):
+        assert Config.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["audio.n_fft=512", "face.mode=haar", "audio.peak_normalize=false",
+                               "face.box_scale=2", "synth.emotions=happy,sad"])
+    assert cfg.audio.n_fft == 512 and cfg.face.mode == "haar" and cfg.audio.peak_normalize is False
+    assert cfg.face.box_scale == 2.0 and isinstance(cfg.face.box_scale, float)
+    assert cfg.synth.emotions == ("happy", "sad")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("audio.n_fft=1.5", "audio.n_fft=1.5: expected an integer"),
+    ("face.mode=dlib", "face.mode='dlib': expected one of ['auto', 'fan', 'haar', 'none']"),
+    ("audio.peak_normalize=maybe", "audio.peak_normalize='maybe': expected bool"),
+    ("audio=3", "'audio' is a section"),
+    ("n_fft", "not of the form key=value"),
+])
+def test_bad_overrides(item, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [item])
+    assert message in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config("paper", ["audio.nfft=512"])
+    assert "unknown config key 'audio.nfft'" in str(e.value) and "audio.n_fft" in str(e.value)
+    assert "audio.n_fft" in valid_keys()
+
+
+def test_unknown_preset_and_stored_keys():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+    data = load_config("tiny").to_dict()
+    data["audio"]["future_field"] = 1
+    with pytest.raises(ConfigError, match="audio.future_field"):
+        Config.from_dict(data)

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+
+from tests.conftest import tone, write_video, write_wav
+from vqmae.media import MediaError, iter_video, probe_video, read_audio, read_video, resample_indices
+
+
+def source_index(frames: np.ndarray) -> np.ndarray:
+    """Recover which source frame k each decoded frame shows (pixels were written as 7k mod 256)."""
+    return np.round(frames[:, 8:-8, 8:-8].mean(axis=(1, 2, 3)) / 7).astype(int)
+
+
+@pytest.mark.parametrize("fps", [25.0, 30.0, 30000 / 1001, 24000 / 1001])
+def test_video_resampled_to_25fps_by_timestamp(media_dir, fps):
+    n = 30
+    path = write_video(media_dir / "v.mp4", fps=fps, n_frames=n)
+    frames = read_video(path, fps=25.0)
+    duration = n / fps
+    assert len(frames) == int(np.floor(duration * 25 + 1e-6))
+    expected = np.floor(np.arange(len(frames)) / 25 * fps + 1e-3).astype(int)
+    np.testing.assert_array_equal(source_index(frames), expected)
+
+
+def test_variable_frame_rate(media_dir):
+    # 0.2 s at 10 fps, then 0.4 s at 50 fps: target frames follow the timestamps, not frame counts
+    ts = [i * 0.1 for i in range(2)] + [0.2 + i * 0.02 for i in range(20)]
+    path = write_video(media_dir / "vfr.mp4", fps=50, n_frames=len(ts), timestamps=ts, audio=False)
+    frames = read_video(path, fps=25.0)
+    shown = source_index(frames)
+    target_t = np.arange(len(frames)) / 25
+    expected = np.searchsorted(np.array(ts), target_t + 1e-6, side="right") - 1
+    np.testing.assert_array_equal(shown, expected)
+
+
+def test_chunks_equal_whole(media_dir):
+    path = write_video(media_dir / "v.mp4", n_frames=40)
+    chunks = list(iter_video(path, chunk_frames=16))
+    assert [len(c) for c in chunks] == [16, 16, 8]
+    np.testing.assert_array_equal(np.concatenate(chunks), read_video(path))
+
+
+def test_probe_and_decode_time_resize(media_dir):
+    path = write_video(media_dir / "v.mp4", n_frames=10, size=128)
+    info = probe_video(path, max_side=64)
+    assert (info.width, info.height, info.n_source_frames) == (64, 64, 10)
+    assert info.n_frames(25.0) == 10
+    assert read_video(path, max_side=64).shape == (10, 64, 64, 3)
+
+
+def test_resample_indices_handles_unsorted_pts():
+    starts = np.array([0.0, 0.08, 0.04, 0.12])  # B-frame order in the container
+    np.testing.assert_array_equal(resample_indices(starts, 25.0, 4), [0, 2, 1, 3])
+
+
+def test_audio_resampled_to_16k_mono(media_dir):
+    stereo = np.stack([tone(0.5, 44100), tone(0.5, 44100, 440)], axis=1)
+    path = write_wav(media_dir / "a.wav", stereo, rate=44100, channels=2)
+    wave = read_audio(path, 16000)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(len(wave) - 8000) <= 2
+
+
+def test_audio_of_video(media_dir):
+    path = write_video(media_dir / "v.mp4", n_frames=25)
+    wave = read_audio(path)
+    assert abs(len(wave) / 16000 - 1.0) < 0.15  # AAC priming/padding adds a few ms
+    assert np.abs(wave).max() > 0.3
+
+
+def test_video_without_audio_names_file(media_dir):
+    path = write_video(media_dir / "silent_film.mp4", audio=False)
+    with pytest.raises(MediaError, match=r"silent_film\.mp4: no audio stream"):
+        read_audio(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 4096, b"not a video at all" * 100])
+def test_corrupt_file_names_file(media_dir, content):
+    path = media_dir / "broken.mp4"
+    path.write_bytes(content)
+    with pytest.raises(MediaError, match=r"broken\.mp4: .*(empty|corrupt|cannot open)"):
+        read_video(path)
+    with pytest.raises(MediaError, match=r"broken\.mp4: "):
+        read_audio(path)
+
+
+def test_truncated_file_names_file(media_dir):
+    full = write_video(media_dir / "full.mp4", n_frames=100, size=64)
+    for cut, name in [(0.3, "head.mp4"), (0.6, "tail.mp4")]:
+        data = full.read_bytes()
+        path = media_dir / name
+        path.write_bytes(data[: int(len(data) * cut)])
+        with pytest.raises(MediaError, match=rf"{name}: "):
+            read_video(path)
+
+
+def test_truncated_faststart_file_fails_while_decoding(media_dir):
+    full = write_video(media_dir / "fs.mp4", n_frames=100, size=64, faststart=True)
+    path = media_dir / "cut.mp4"
+    path.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.5)])
+    try:
+        frames = read_video(path)
+    except MediaError as e:
+        assert str(e).startswith(str(path)) and e.reason
+    else:  # decord may stop at the last complete packet: then fewer frames, never garbage
+        assert 0 < len(frames) < 100
+
+
+def test_missing_file(media_dir):
+    with pytest.raises(MediaError, match=r"nope\.wav: file does not exist"):
+        read_audio(media_dir / "nope.wav")
+
+
+def test_audio_file_with_no_samples(media_dir):
+    path = write_wav(media_dir / "empty.wav", np.zeros(0, np.float32))
+    with pytest.raises(MediaError, match=r"empty\.wav: .*(no samples|cannot open|no audio)"):
+        read_audio(path)
