@@ -97,7 +97,7 @@ def griffin_lim(power: torch.Tensor, cfg: AudioConfig, n_iter: int | None = None
     for _ in range(n_iter):
         wave = torch.istft(mag * angles, length=n_samples, **kw)
         rebuilt = torch.stft(wave, pad_mode="reflect", return_complex=True, **kw)
-        angles = rebuilt - 0.99 * prev
+        angles = rebuilt - (0.99 / 1.99) * prev
         prev = rebuilt
         angles = angles / angles.abs().clamp_min(1e-16)
     return torch.istft(mag * angles, length=n_samples, **kw)
