@@ -70,8 +70,11 @@ class AudioVQConfig:
     codebook_size: int = 256
     code_dim: int = 8
     channels: int = 64
+    n_res_blocks: int = 2
     commitment: float = 0.25
     ema_decay: float = 0.99
+    # A code whose EMA count of assigned vectors per batch drops below this is restarted.
+    dead_threshold: float = 1.0
     # training
     steps: int = 20000
     batch_frames: int = 512
@@ -90,6 +93,7 @@ class VisualVQConfig:
     n_res_blocks: int = 2
     commitment: float = 0.25
     ema_decay: float = 0.99
+    dead_threshold: float = 1.0  # as AudioVQConfig.dead_threshold
     # training
     steps: int = 20000
     batch_frames: int = 128
@@ -164,7 +168,8 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
-        audio_vq=AudioVQConfig(channels=32, steps=300, batch_frames=256, warmup_steps=30),
+        audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=256,
+                               warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
