@@ -1,0 +1,115 @@
+import csv
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from skimage.data import astronaut
+from typer.testing import CliRunner
+
+import vqmae.ingest as ingest_mod
+from cli.main import app
+from tests.conftest import tone, write_video, write_wav
+from vqmae.config import load_config
+from vqmae.datasets import ClipInfo
+from vqmae.ingest import ClipError, ingest, load_clip
+
+CFG = load_config("tiny", ["face.mode=haar"])
+FACE = cv2.resize(astronaut()[0:260, 110:330], (128, 128))  # the astronaut's head and shoulders
+
+
+def face_frame(k: int) -> np.ndarray:
+    return np.roll(FACE, (k % 5) - 2, axis=1)  # a little horizontal motion
+
+
+def noise_frame(k: int) -> np.ndarray:
+    return np.random.default_rng(k).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+
+
+def clip(path, **kw) -> ClipInfo:
+    return ClipInfo(clip_id=path.stem, path=str(path), dataset="test", speaker="s1", **kw)
+
+
+@pytest.fixture
+def face_video(media_dir):
+    return write_video(media_dir / "face.mp4", n_frames=30, size=128, frame_fn=face_frame)
+
+
+def test_av_clip_is_aligned(face_video):
+    data = load_clip(clip(face_video), CFG)
+    assert data.faces.shape == (30, 96, 96, 3) and data.faces.dtype == np.uint8
+    assert data.spec.shape == (60, 513)  # exactly two audio frames per video frame
+    assert data.face_rate >= 0.95
+    assert abs(data.av_offset) < 0.15  # AAC padding only; recorded, not hidden
+
+
+def test_audio_padded_or_trimmed_explicitly(media_dir):
+    short = write_video(media_dir / "short_audio.mp4", n_frames=25, size=128, frame_fn=face_frame,
+                        audio_seconds=0.5)
+    data = load_clip(clip(short), CFG)
+    assert data.spec.shape == (50, 513) and data.av_offset < -0.3
+    assert data.spec[-10:].sum() == 0  # the zero padding is at the end, nothing was shifted
+
+
+def test_audio_only_clip(media_dir):
+    path = write_wav(media_dir / "a.wav", tone(1.0))
+    data = load_clip(clip(path, has_video=False), CFG)
+    assert data.faces is None and math.isnan(data.face_rate) and data.spec.shape == (50, 513)
+
+
+def test_streaming_two_pass_equals_buffered(face_video, monkeypatch):
+    cfg = load_config("tiny", ["face.mode=haar", "video.chunk_frames=8"])
+    buffered = load_clip(clip(face_video), cfg, ("visual",)).faces
+    monkeypatch.setattr(ingest_mod, "FRAME_BUFFER_BYTES", 1)  # forces decoding the file twice
+    np.testing.assert_array_equal(load_clip(clip(face_video), cfg, ("visual",)).faces, buffered)
+
+
+def test_no_audio_stream(media_dir):
+    path = write_video(media_dir / "mute.mp4", n_frames=10, size=128, frame_fn=face_frame, audio=False)
+    with pytest.raises(ClipError, match=r"mute\.mp4: audio: no audio stream"):
+        load_clip(clip(path), CFG)
+    assert load_clip(clip(path), CFG, ("visual",)).faces.shape[0] == 10
+
+
+def test_no_face(media_dir):
+    path = write_video(media_dir / "noise.mp4", n_frames=10, size=128, frame_fn=noise_frame)
+    with pytest.raises(ClipError, match=r"noise\.mp4: faces: no face detected"):
+        load_clip(clip(path), CFG)
+
+
+def test_silence(media_dir):
+    path = write_wav(media_dir / "quiet.wav", np.zeros(16000, np.float32))
+    with pytest.raises(ClipError, match=r"quiet\.wav: audio: audio is silent"):
+        load_clip(clip(path, has_video=False), CFG)
+
+
+def test_batch_lists_failures_and_keeps_going(media_dir, face_video):
+    bad = media_dir / "corrupt.mp4"
+    bad.write_bytes(face_video.read_bytes()[:2000])
+    clips = [clip(face_video), clip(bad), clip(write_wav(media_dir / "a.wav", tone(0.5)), has_video=False)]
+    got = {c.clip_id: (d, f) for c, d, f in ingest(clips, CFG, workers=2)}
+    assert got["face"][0].faces.shape == (30, 96, 96, 3)
+    assert got["a"][0].spec.shape == (25, 513)
+    failure = got["corrupt"][1]
+    assert failure.path == str(bad) and failure.stage == "video" and "corrupt" in failure.reason
+
+
+def test_cli_ingest_reports(tmp_path, media_dir, face_video):
+    bad = media_dir / "corrupt.mp4"
+    bad.write_bytes(b"\0" * 100)
+    manifest = media_dir / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "speaker", "label"])
+        w.writerows([["face.mp4", "s1", "happy"], ["corrupt.mp4", "s2", "sad"]])
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["ingest", str(manifest), "--face", "haar", "--preset", "tiny",
+                                   "--workers", "0", "--run-dir", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ok"] == 1 and summary["failed"] == 1 and summary["face_rate_frames"] >= 0.95
+    failures = list(csv.reader(open(run / "failures.csv")))
+    assert failures[1][0] == str(bad) and failures[1][1] == "video"
+    assert (run / "faces.png").exists()
+    assert "failures (1)" in res.output and "not a readable" in res.output

@@ -1,0 +1,208 @@
+"""From a clip of a dataset to model inputs: power-spectrogram frames and aligned 96×96 face crops.
+
+`load_clip` is the one place that decodes media for every stage (tokenizer training, encoding,
+prediction). Its contract on alignment (DESIGN.md §2): a clip with video has `T` frames at 25 fps
+and exactly `2T` spectrogram frames; its waveform is padded with zeros or trimmed to `T` video
+frames, and the amount is recorded in `ClipData.av_offset`, never applied silently.
+
+Failures raise `ClipError(path, stage, reason)`; `ingest` runs `load_clip` over many clips in
+crash-isolated worker processes and reports each failure with its file, stage and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from vqmae.audio import (SilentAudioError, frames_for_samples, peak_normalize, power_spectrogram,
+                         samples_per_video_frame)
+from vqmae.config import Config
+from vqmae.datasets import ClipInfo
+from vqmae.faces import FaceCropper, NoFaceError
+from vqmae.isolate import Outcome, isolated_map
+from vqmae.media import MediaError, iter_video, read_audio
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("audio", "visual")
+# Decoded frames kept between the face-detection pass and the crop pass; longer videos are decoded
+# twice instead, so memory stays bounded whatever the file's length.
+FRAME_BUFFER_BYTES = 256 << 20
+
+
+class ClipError(MediaError):
+    """A clip that cannot be turned into model inputs: '<path>: <stage>: <reason>'."""
+
+    def __init__(self, path: str, stage: str, reason: str):
+        self.stage = stage
+        super().__init__(path, f"{stage}: {reason}")
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.stage, self.reason))
+
+
+@dataclass
+class ClipData:
+    clip: ClipInfo
+    spec: np.ndarray | None = None  # float32 [Ta, n_bins] power; Ta = 2 × Tv when there is video
+    faces: np.ndarray | None = None  # uint8 [Tv, S, S, 3] RGB crops
+    face_rate: float = math.nan  # fraction of frames where a face was detected (NaN: no video)
+    n_video_frames: int = 0
+    n_audio_frames: int = 0
+    av_offset: float = 0.0  # seconds of audio trimmed (> 0) or zero-padded (< 0) to match the video
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """'av' | 'audio' | 'visual' (or a comma list) → tuple of modality names."""
+    names = {"av": MODALITIES, "audio": ("audio",), "visual": ("visual",)}
+    if text in names:
+        return names[text]
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts or any(p not in MODALITIES for p in parts):
+        raise ValueError(f"modalities {text!r}: expected av, audio, visual or a comma list of {MODALITIES}")
+    return parts
+
+
+_CROPPERS: dict[Any, FaceCropper] = {}
+
+
+def get_cropper(cfg: Config) -> FaceCropper:
+    """One cropper per process and face config (the fan model is loaded once, not per clip)."""
+    key = cfg.face
+    if key not in _CROPPERS:
+        _CROPPERS[key] = FaceCropper(cfg.face)
+    return _CROPPERS[key]
+
+
+def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIES) -> ClipData:
+    """Decode one clip into aligned model inputs (see the module docstring for the contract)."""
+    out = ClipData(clip)
+    want_video = "visual" in modalities and clip.has_video
+    want_audio = "audio" in modalities
+    if not want_video and not want_audio:
+        raise ClipError(clip.path, "scan", f"clip has none of the requested modalities {tuple(modalities)}")
+    if want_video:
+        out.faces, out.face_rate = _load_faces(clip.path, cfg)
+        out.n_video_frames = len(out.faces)
+    if want_audio:
+        out.spec, out.av_offset = _load_spec(clip, cfg, out.n_video_frames if want_video else None)
+        out.n_audio_frames = len(out.spec)
+    return out
+
+
+def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None) -> tuple[np.ndarray, float]:
+    src = clip.audio_path or clip.path
+    try:
+        wave = read_audio(src, cfg.audio.sample_rate)
+    except MediaError as e:
+        raise ClipError(e.path, "audio", e.reason) from None
+    offset = 0.0
+    if n_video is not None:
+        target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
+        offset = (len(wave) - target) / cfg.audio.sample_rate
+        wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
+        if abs(offset) > 0.1:
+            log.warning("%s: audio and video lengths differ by %.3f s; audio %s to match the video",
+                        src, offset, "trimmed" if offset > 0 else "zero-padded")
+    n_frames = frames_for_samples(len(wave), cfg.audio)
+    if n_frames == 0:
+        raise ClipError(src, "audio", f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
+    x = torch.from_numpy(wave)
+    if cfg.audio.peak_normalize:
+        try:
+            x = peak_normalize(x)
+        except SilentAudioError as e:
+            raise ClipError(src, "audio", str(e)) from None
+    spec = power_spectrogram(x, cfg.audio)[:n_frames]  # [Ta, F]
+    return spec.numpy().astype(np.float32, copy=False), offset
+
+
+def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray, float]:
+    cropper = get_cropper(cfg)
+    frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side)  # noqa: E731
+    try:
+        kept: list[np.ndarray] | None = []
+        boxes, size = [], 0
+        for chunk in frames():  # pass 1: detection, keeping frames while they fit the buffer
+            boxes.append(cropper.detect(chunk))
+            size += chunk.nbytes
+            if kept is not None:
+                kept = kept + [chunk] if size <= FRAME_BUFFER_BYTES else None
+        track, detected = cropper.track(np.concatenate(boxes))
+        crops, lo = [], 0
+        for chunk in (kept if kept is not None else frames()):  # pass 2: crops
+            crops.append(cropper.extract(chunk, track[lo:lo + len(chunk)]))
+            lo += len(chunk)
+    except MediaError as e:
+        raise ClipError(e.path, "video", e.reason) from None
+    except NoFaceError as e:
+        raise ClipError(path, "faces", str(e)) from None
+    return np.concatenate(crops), float(np.mean(detected))
+
+
+# -- many clips --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Task:
+    clip: ClipInfo
+    config: dict
+    modalities: tuple[str, ...]
+    keep_arrays: bool
+
+
+def _run_task(task: _Task) -> ClipData:
+    cfg = _config_cache(task.config)
+    data = load_clip(task.clip, cfg, task.modalities)
+    if not task.keep_arrays:
+        data.spec = data.faces = None
+    return data
+
+
+_CFG: dict[str, Config] = {}
+
+
+def _config_cache(d: dict) -> Config:
+    import json
+
+    key = json.dumps(d, sort_keys=True)
+    if key not in _CFG:
+        _CFG[key] = Config.from_dict(d)
+    return _CFG[key]
+
+
+@dataclass
+class Failure:
+    path: str
+    stage: str
+    reason: str
+    clip_id: str = ""
+
+    @classmethod
+    def from_outcome(cls, o: Outcome) -> "Failure":
+        clip: ClipInfo = o.item.clip
+        if isinstance(o.exception, ClipError):
+            return cls(o.exception.path, o.exception.stage, o.exception.reason, clip.clip_id)
+        stage = "decode" if o.crashed else "load"
+        return cls(clip.path, stage, o.error, clip.clip_id)
+
+
+def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,
+           workers: int = 1, keep_arrays: bool = True, timeout: float | None = 600.0,
+           ) -> Iterator[tuple[ClipInfo, ClipData | None, Failure | None]]:
+    """Load many clips in crash-isolated worker processes; yield (clip, data, failure) as they finish.
+
+    Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
+    """
+    tasks = [_Task(c, cfg.to_dict(), tuple(modalities), keep_arrays) for c in clips]
+    for o in isolated_map(_run_task, tasks, workers=workers, timeout=timeout):
+        if o.ok:
+            yield o.item.clip, o.value, None
+        else:
+            yield o.item.clip, None, Failure.from_outcome(o)
