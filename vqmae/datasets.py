@@ -28,7 +28,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,34 @@ def is_video(name: str) -> bool:
     return _ext(name) in VIDEO_EXTS
 
 
-def is_audio(name: str) -> bool:
-    return _ext(name) in AUDIO_EXTS
+class MediaFile(NamedTuple):
+    """A media file found under a root; plain strings because a corpus can hold a million files."""
+
+    path: str               # absolute
+    rel: tuple[str, ...]    # components below the root, file name last
+    stem: str
+    ext: str                # lower case, with the dot
+
+    @property
+    def name(self) -> str:
+        return self.rel[-1]
+
+    @property
+    def clip_id(self) -> str:
+        return "/".join((*self.rel[:-1], self.stem))
+
+    @property
+    def is_video(self) -> bool:
+        return self.ext in VIDEO_EXTS
 
 
-def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
+def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[MediaFile]:
     """Media files under `root` in sorted order. Hidden entries are ignored; symlinked directories
     are followed once (a link back into the tree would otherwise loop or duplicate clips); a
     directory that cannot be listed is reported in `skipped`."""
     seen: set[str] = set()
 
-    def walk(d: str) -> Iterator[Path]:
+    def walk(d: str, rel: tuple[str, ...]) -> Iterator[MediaFile]:
         real = os.path.realpath(d)
         if real in seen:
             skipped.append((d, f"directory already scanned as {real} (symlink)"))
@@ -161,11 +178,13 @@ def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[Path]:
             if e.name.startswith("."):
                 continue
             if e.is_dir():
-                yield from walk(e.path)
-            elif e.is_file() and _ext(e.name) in MEDIA_EXTS:
-                yield Path(e.path)
+                yield from walk(e.path, (*rel, e.name))
+            elif e.is_file():
+                stem, ext = os.path.splitext(e.name)
+                if ext.lower() in MEDIA_EXTS:
+                    yield MediaFile(e.path, (*rel, e.name), stem, ext.lower())
 
-    yield from walk(str(root))
+    yield from walk(str(root), ())
 
 
 def _clip_id(path: Path, root: Path) -> str:
@@ -177,27 +196,17 @@ def _meta(**fields_: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, v) for k, v in fields_.items() if v is not None))
 
 
-def _rel_parts(path: Path, root: Path) -> tuple[str, ...]:
-    """Path components from the root's own name down to the file: a root may itself be the
-    speaker folder (`Actor_01`, `subject 6`, `id00012`)."""
-    return (root.name, *path.relative_to(root).parts)
-
-
-def _ext_rank(path: Path) -> int:
-    return MEDIA_EXTS.index(_ext(path.name))
-
-
-def _pair_streams(groups: dict[Any, list[Path]], skipped: list[tuple[str, str]]
-                  ) -> Iterator[tuple[Any, Path | None, Path | None]]:
+def _pair_streams(groups: dict[Any, list[MediaFile]], skipped: list[tuple[str, str]]
+                  ) -> Iterator[tuple[Any, MediaFile | None, MediaFile | None]]:
     """For each key: the preferred video file and the preferred audio file of one clip; the other
     copies (an .mp3 next to a .wav, a second tree) are skipped as duplicates."""
     for key in sorted(groups):
         kept = []
         for want_video in (True, False):
-            files = sorted((p for p in groups[key] if is_video(p.name) == want_video),
-                           key=lambda p: (_ext_rank(p), str(p)))
+            files = sorted((m for m in groups[key] if m.is_video == want_video),
+                           key=lambda m: (MEDIA_EXTS.index(m.ext), m.path))
             for extra in files[1:]:
-                skipped.append((str(extra), f"duplicate of {files[0]} (same clip, kept that one)"))
+                skipped.append((extra.path, f"duplicate of {files[0].path} (same clip, kept that one)"))
             kept.append(files[0] if files else None)
         yield key, kept[0], kept[1]
 
@@ -212,9 +221,9 @@ RAVDESS_EMOTION = {f"{i + 1:02d}": e for i, e in enumerate(EMOTIONS)}
 ACTOR_DIR = re.compile(r"^Actor_(\d+)$")
 
 
-def _ravdess_fields(path: Path, root: Path) -> dict[str, str]:
+def _ravdess_fields(media: MediaFile, root: Path) -> dict[str, str]:
     """Decode `MM-VC-EE-II-SS-RR-AA`; raise `_Skip` naming the first field that is wrong."""
-    m = RAVDESS_NAME.match(path.stem)
+    m = RAVDESS_NAME.match(media.stem)
     if not m:
         raise _Skip("not a RAVDESS name MM-VC-EE-II-SS-RR-AA (seven 2-digit fields)")
     mm, vc, ee, ii, ss, rr, aa = m.groups()
@@ -232,10 +241,10 @@ def _ravdess_fields(path: Path, root: Path) -> dict[str, str]:
         if not ok:
             raise _Skip(reason)
     want_audio = mm == "03"
-    if is_audio(path.name) != want_audio:
-        raise _Skip(f"modality {mm} ({RAVDESS_MODALITY[mm]}) does not match a "
-                    f"{_ext(path.name)} file")
-    actor_dirs = [m for p in _rel_parts(path, root)[:-1] if (m := ACTOR_DIR.match(p))]
+    if media.is_video == want_audio:
+        raise _Skip(f"modality {mm} ({RAVDESS_MODALITY[mm]}) does not match a {media.ext} file")
+    # the root's own name counts: a root may itself be one actor's folder
+    actor_dirs = [m for p in (root.name, *media.rel[:-1]) if (m := ACTOR_DIR.match(p))]
     if actor_dirs and int(actor_dirs[-1].group(1)) != int(aa):
         raise _Skip(f"actor {aa} in the name but the file is in {actor_dirs[-1].group(0)}")
     return dict(mm=mm, vc=vc, ee=ee, ii=ii, ss=ss, rr=rr, aa=aa)
@@ -250,22 +259,22 @@ def scan_ravdess(root: Path, *, speech_only: bool = False, include_video_only: b
     speaker, so speaker folds stay clean; filter on meta["modality"] to keep one).
     """
     clips, skipped = [], []
-    for path in iter_media(root, skipped):
+    for media in iter_media(root, skipped):
         try:
-            f = _ravdess_fields(path, root)
+            f = _ravdess_fields(media, root)
         except _Skip as e:
-            skipped.append((str(path), str(e)))
+            skipped.append((media.path, str(e)))
             continue
         if f["mm"] == "02" and not include_video_only:
-            skipped.append((str(path), "video-only (modality 02, no audio track); "
+            skipped.append((media.path, "video-only (modality 02, no audio track); "
                                        "pass include_video_only=True to keep it"))
             continue
         if f["vc"] == "02" and speech_only:
-            skipped.append((str(path), "song (vocal channel 02) excluded by speech_only=True"))
+            skipped.append((media.path, "song (vocal channel 02) excluded by speech_only=True"))
             continue
         label = RAVDESS_EMOTION[f["ee"]]
         clips.append(ClipInfo(
-            clip_id=_clip_id(path, root), path=str(path), dataset="ravdess", speaker=f["aa"],
+            clip_id=media.clip_id, path=media.path, dataset="ravdess", speaker=f["aa"],
             label=label, labels=(label,), has_video=f["mm"] != "03",
             meta=_meta(modality=RAVDESS_MODALITY[f["mm"]], vocal_channel=RAVDESS_CHANNEL[f["vc"]],
                        intensity=RAVDESS_INTENSITY[f["ii"]], statement=f["ss"],
@@ -283,8 +292,8 @@ CREMAD_EMOTION = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful",
 CREMAD_LEVELS = ("LO", "MD", "HI", "XX")
 
 
-def _cremad_key(path: Path) -> tuple[str, str, str, str]:
-    m = CREMAD_NAME.match(path.stem)
+def _cremad_key(media: MediaFile) -> tuple[str, str, str, str]:
+    m = CREMAD_NAME.match(media.stem)
     if not m:
         raise _Skip("not a CREMA-D name AAAA_SSS_EMO_LVL (e.g. 1001_DFA_ANG_XX)")
     speaker, sentence, emo, level = m.groups()
@@ -301,21 +310,21 @@ def scan_cremad(root: Path) -> Found:
     """CREMA-D: `VideoFlash/AAAA_SSS_EMO_LVL.flv` (or .mp4) and `AudioWAV/....wav` anywhere under
     `root`, matched by name. Both → one clip (path = video, audio_path = audio); one → that file.
     Extra copies of a clip (AudioMP3/*.mp3 beside AudioWAV) are skipped as duplicates."""
-    groups: dict[tuple[str, ...], list[Path]] = {}
+    groups: dict[tuple[str, ...], list[MediaFile]] = {}
     skipped: list[tuple[str, str]] = []
-    for path in iter_media(root, skipped):
+    for media in iter_media(root, skipped):
         try:
-            groups.setdefault(_cremad_key(path), []).append(path)
+            groups.setdefault(_cremad_key(media), []).append(media)
         except _Skip as e:
-            skipped.append((str(path), str(e)))
+            skipped.append((media.path, str(e)))
     clips = []
     for (speaker, sentence, emo, level), video, audio in _pair_streams(groups, skipped):
         primary = video or audio
         label = CREMAD_EMOTION[emo]
         clips.append(ClipInfo(
-            clip_id=_clip_id(primary, root), path=str(primary), dataset="cremad", speaker=speaker,
+            clip_id=primary.clip_id, path=primary.path, dataset="cremad", speaker=speaker,
             label=label, labels=(label,), has_video=video is not None,
-            audio_path=str(audio) if video and audio else None,
+            audio_path=audio.path if video and audio else None,
             meta=_meta(sentence=sentence, level=level),
         ))
     return clips, skipped
@@ -329,9 +338,9 @@ ENTERFACE_EMOTION = {"anger": "angry", "disgust": "disgust", "fear": "fearful",
                      "happiness": "happy", "sadness": "sad", "surprise": "surprised"}
 
 
-def _enterface_fields(path: Path, root: Path) -> tuple[str, str, str | None]:
+def _enterface_fields(media: MediaFile, root: Path) -> tuple[str, str, str | None]:
     """(speaker, label, sentence) from `subject N/<emotion>/[sentence k/]file`."""
-    parts = _rel_parts(path, root)
+    parts = (root.name, *media.rel)  # the root may itself be `subject N`
     subject_at = [i for i, p in enumerate(parts[:-1]) if SUBJECT_DIR.match(p)]
     if not subject_at:
         raise _Skip("not under a 'subject N' folder")
@@ -347,7 +356,7 @@ def _enterface_fields(path: Path, root: Path) -> tuple[str, str, str | None]:
             raise _Skip(f"folder {rest[1]!r} is not 'sentence k'")
         sentence = str(int(m.group(1)))
     else:  # subject 6 of the real corpus has no sentence level; its names end in _k
-        m = re.search(r"_(\d+)$", path.stem)
+        m = re.search(r"_(\d+)$", media.stem)
         sentence = str(int(m.group(1))) if m else None
     speaker = str(int(SUBJECT_DIR.match(parts[subject_at[-1]]).group(1)))
     return speaker, ENTERFACE_EMOTION[emotion], sentence
@@ -357,15 +366,15 @@ def scan_enterface(root: Path) -> Found:
     """eNTERFACE'05: `subject N/<emotion>/sentence k/*.avi`, or `subject N/<emotion>/*.avi` (the
     real corpus's subject 6). speaker = "N" as a plain number ("subject 06" → "6")."""
     clips, skipped = [], []
-    for path in iter_media(root, skipped):
+    for media in iter_media(root, skipped):
         try:
-            speaker, label, sentence = _enterface_fields(path, root)
+            speaker, label, sentence = _enterface_fields(media, root)
         except _Skip as e:
-            skipped.append((str(path), str(e)))
+            skipped.append((media.path, str(e)))
             continue
         clips.append(ClipInfo(
-            clip_id=_clip_id(path, root), path=str(path), dataset="enterface", speaker=speaker,
-            label=label, labels=(label,), has_video=is_video(path.name),
+            clip_id=media.clip_id, path=media.path, dataset="enterface", speaker=speaker,
+            label=label, labels=(label,), has_video=media.is_video,
             meta=_meta(sentence=sentence),
         ))
     return clips, skipped
@@ -378,23 +387,25 @@ VOX_VIDEO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 VOX_UTTERANCE = re.compile(r"^\d+$")
 
 
-def _vox_key(path: Path, root: Path) -> tuple[str, str, str]:
-    parts = _rel_parts(path, root)
+def _vox_key(media: MediaFile, root: Path) -> tuple[str, str, str]:
+    parts = (root.name, *media.rel)  # the root may itself be `idNNNNN`
     if len(parts) < 3:
         raise _Skip("expected idNNNNN/<youtube id>/NNNNN.<ext>")
-    speaker, video_id, utt = parts[-3], parts[-2], path.stem
+    speaker, video_id, utt = parts[-3], parts[-2], media.stem
+    if VOX_SPEAKER.match(video_id):
+        raise _Skip("file sits directly in a speaker folder; expected idNNNNN/<youtube id>/NNNNN.<ext>")
     if not VOX_SPEAKER.match(speaker):
         raise _Skip(f"speaker folder {speaker!r} is not idNNNNN (expected idNNNNN/<youtube id>/NNNNN)")
     if not VOX_VIDEO_ID.match(video_id):
         raise _Skip(f"{video_id!r} is not a YouTube id folder")
     if not VOX_UTTERANCE.match(utt):
-        raise _Skip(f"file name {path.name!r} is not NNNNN.<ext>")
+        raise _Skip(f"file name {media.name!r} is not NNNNN.<ext>")
     return speaker, video_id, utt
 
 
-def _vox_subset(path: Path, root: Path) -> str | None:
+def _vox_subset(media: MediaFile, root: Path) -> str | None:
     """'dev' or 'test' from the corpus's `dev/mp4/...`, `test/aac/...` folders, if present."""
-    parts = _rel_parts(path, root)
+    parts = (root.name, *media.rel)
     for a, b in zip(parts, parts[1:]):
         if a in ("dev", "test") and b in ("mp4", "aac", "wav"):
             return a
@@ -405,20 +416,20 @@ def scan_voxceleb2(root: Path) -> Found:
     """VoxCeleb2: `idNNNNN/<youtube id>/NNNNN.mp4`, possibly under `dev/mp4/`, `test/mp4/`; audio
     `.m4a` (or converted .wav) under `aac/`. A video and an audio file of the same
     (speaker, youtube id, utterance) are one clip. No labels; meta holds subset/video_id/utterance."""
-    groups: dict[tuple[str, str, str], list[Path]] = {}
+    groups: dict[tuple[str, str, str], list[MediaFile]] = {}
     skipped: list[tuple[str, str]] = []
-    for path in iter_media(root, skipped):
+    for media in iter_media(root, skipped):
         try:
-            groups.setdefault(_vox_key(path, root), []).append(path)
+            groups.setdefault(_vox_key(media, root), []).append(media)
         except _Skip as e:
-            skipped.append((str(path), str(e)))
+            skipped.append((media.path, str(e)))
     clips = []
     for (speaker, video_id, utt), video, audio in _pair_streams(groups, skipped):
         primary = video or audio
         clips.append(ClipInfo(
-            clip_id=_clip_id(primary, root), path=str(primary), dataset="voxceleb2",
+            clip_id=primary.clip_id, path=primary.path, dataset="voxceleb2",
             speaker=speaker, has_video=video is not None,
-            audio_path=str(audio) if video and audio else None,
+            audio_path=audio.path if video and audio else None,
             meta=_meta(subset=_vox_subset(primary, root), video_id=video_id, utterance=utt),
         ))
     return clips, skipped
@@ -486,8 +497,10 @@ def _csv_row(row: dict[str, str], where: str, folder: Path, strict: bool) -> tup
             raise DatasetError(f"{where}: split {split!r} is not train, val or test")
         split = SPLIT_ALIASES[split.lower()]
     extra = {k: v for k, v in cells.items() if k not in CSV_KNOWN and v}
-    fields_ = dict(speaker=cells["speaker"], label=label, labels=tuple(labels or ([label] if label else [])),
-                   split=split, meta=tuple(sorted(extra.items())),
+    if label is not None and not labels:
+        labels = [label]
+    fields_ = dict(speaker=cells["speaker"], label=label, labels=tuple(labels), split=split,
+                   meta=tuple(sorted(extra.items())),
                    **{c: _csv_number(cells, c, where) for c in CSV_NUMBERS})
     return Path(os.path.normpath(folder / cells["path"])), fields_
 
@@ -571,9 +584,10 @@ def _csv_media_problem(path: Path, where: str) -> str | None:
 def scan_folder(root: Path) -> Found:
     """Every media file under `root`, speaker = its parent folder's name, no labels."""
     clips, skipped = [], []
-    for path in iter_media(root, skipped):
-        clips.append(ClipInfo(clip_id=_clip_id(path, root), path=str(path), dataset="folder",
-                              speaker=path.parent.name, has_video=is_video(path.name)))
+    for media in iter_media(root, skipped):
+        speaker = media.rel[-2] if len(media.rel) > 1 else root.name
+        clips.append(ClipInfo(clip_id=media.clip_id, path=media.path, dataset="folder",
+                              speaker=speaker, has_video=media.is_video))
     return clips, skipped
 
 
@@ -600,23 +614,43 @@ def _listdir(d: Path) -> list[os.DirEntry]:
         return []
 
 
-def _signal(d: Path) -> str | None:
-    """The corpus whose layout the directory `d` confirms, judged from its name and contents."""
-    name = d.name
+def _media_names(d: Path) -> list[str]:
+    return [os.path.splitext(e.name)[0] for e in _listdir(d)
+            if e.is_file() and _ext(e.name) in MEDIA_EXTS]
+
+
+def _name_kind(name: str) -> str | None:
+    """The corpus a folder name suggests; `_confirms` then checks the folder's contents."""
     if ACTOR_DIR.match(name):
-        files = [e.name for e in _listdir(d) if e.is_file() and _ext(e.name) in MEDIA_EXTS]
-        return "ravdess" if any(RAVDESS_NAME.match(os.path.splitext(f)[0]) for f in files) else None
+        return "ravdess"
     if name.lower() in ("videoflash", "audiowav"):
-        files = [e.name for e in _listdir(d) if e.is_file() and _ext(e.name) in MEDIA_EXTS]
-        return "cremad" if any(CREMAD_NAME.match(os.path.splitext(f)[0]) for f in files) else None
+        return "cremad"
     if SUBJECT_DIR.match(name):
-        subdirs = [e.name.lower() for e in _listdir(d) if e.is_dir()]
-        return "enterface" if any(s in ENTERFACE_EMOTION for s in subdirs) else None
+        return "enterface"
     if re.match(r"^id\d{5}$", name):
-        for sub in (e for e in _listdir(d) if e.is_dir()):
-            if any(e.is_file() and _ext(e.name) in MEDIA_EXTS for e in _listdir(Path(sub.path))):
-                return "voxceleb2"
+        return "voxceleb2"
     return None
+
+
+def _confirms(kind: str, d: Path) -> bool:
+    if kind == "ravdess":
+        return any(RAVDESS_NAME.match(n) for n in _media_names(d))
+    if kind == "cremad":
+        return any(CREMAD_NAME.match(n) for n in _media_names(d))
+    if kind == "enterface":
+        return any(e.is_dir() and e.name.lower() in ENTERFACE_EMOTION for e in _listdir(d))
+    return any(e.is_dir() and _media_names(Path(e.path)) for e in _listdir(d))  # voxceleb2
+
+
+def _kinds_at(level: list[Path]) -> set[str]:
+    """Corpora confirmed by the folders of one level; each kind is confirmed once, so a level of
+    6,000 VoxCeleb2 speaker folders costs a couple of directory listings, not 6,000."""
+    found: set[str] = set()
+    for d in level:
+        kind = _name_kind(d.name)
+        if kind is not None and kind not in found and _confirms(kind, d):
+            found.add(kind)
+    return found
 
 
 def detect_kind(root: str | os.PathLike) -> str:
@@ -633,7 +667,7 @@ def detect_kind(root: str | os.PathLike) -> str:
         return "csv"
     level = [root]
     for _ in range(DETECT_DEPTH + 1):
-        found = {k for d in level if (k := _signal(d))}
+        found = _kinds_at(level)
         if len(found) > 1:
             raise DatasetError(f"{root}: layout matches several corpora ({', '.join(sorted(found))}); "
                                f"pass kind= explicitly")
