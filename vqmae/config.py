@@ -116,6 +116,8 @@ class SynthConfig:
     frame_size: int = 160
     audio_rate: int = 16000
     seed: int = 0
+    # Per-clip spread (intensity, pitch, rate, level, VAD jitter): 0 = every clip its class prototype.
+    variability: float = 1.0
 
 
 @dataclass(frozen=True)
