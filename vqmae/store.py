@@ -111,6 +111,18 @@ def parts_dir(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".parts")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (as given to ``--shard``) → ``(i, N)`` with 0 <= i < N."""
+    head, sep, tail = text.partition("/")
+    try:
+        i, n = int(head), int(tail)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: expected i/N with 0 <= i < N, e.g. 0/4")
+    return i, n
+
+
 def _merged_path(path: Path) -> Path:
     return Path(str(path) + ".merged")
 
@@ -601,12 +613,13 @@ class TokenStore:
         valid = offsets < self.clips[f"{name}_length"][rows][:, None]  # [B, L]
         index = np.where(valid, self.clips[f"{name}_start"][rows][:, None] + offsets, 0)  # [B, L]
         src = self._loaded.get(name)
-        if src is not None:
+        if not valid.any():  # also covers a modality with no frames at all
+            out = np.zeros(index.shape + (self.specs[name].n_tokens,), np.uint16)
+        elif src is not None:
             out = src[index]  # [B, L, tokens]
         else:
             uniq, inverse = np.unique(index[valid], return_inverse=True)
-            block = self._array(name).oindex[uniq, :] if uniq.size else \
-                np.zeros((0, self.specs[name].n_tokens), np.uint16)
+            block = self._array(name).oindex[uniq, :]  # [n_unique, tokens]
             out = np.zeros(index.shape + (self.specs[name].n_tokens,), np.uint16)
             out[valid] = block[inverse]
         out[~valid] = 0
