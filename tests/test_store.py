@@ -174,6 +174,19 @@ def test_merge_is_idempotent_and_extends(tmp_path, reference):
     write_clips(path, range(N_CLIPS))  # extension run skips what the store has
     assert merge(path).n_new_clips == N_CLIPS - len(range(0, N_CLIPS, 3))
     assert_same_store(path, reference)
+    assert TokenStore.open(path).chunk_rows("visual") == CFG.visual_chunk_rows
+
+
+def test_merge_keeps_store_chunks_without_writer_meta(tmp_path, reference):
+    path = tmp_path / "t.zarr"
+    write_clips(path, range(4))
+    merge(path)
+    write_clips(path, range(N_CLIPS))
+    (parts_dir(path) / "meta.json").unlink()  # e.g. a merge removed it while this writer ran
+    merge(path)
+    s = TokenStore.open(path)
+    assert (s.chunk_rows("audio"), s.chunk_rows("visual")) == (16, 8)
+    assert_same_store(path, reference)
 
 
 def test_merge_streams_in_small_blocks(tmp_path, reference, monkeypatch):
@@ -422,7 +435,8 @@ def test_spec_mismatch_names_both_values(tmp_path):
     assert str(e.value) == f"{path}: audio tokenizer_sha256: store has {SHA_A}, writer has {SHA_B}"
     other = make_specs()
     other["visual"] = ModalitySpec("visual", 8, (4, 4), 25.0, "c" * 64)
-    with pytest.raises(StoreMismatchError, match=r"visual grid: store has \[2, 3\], writer has \[4, 4\]"):
+    with pytest.raises(StoreMismatchError,
+                       match=r"visual grid: store has \[2, 3\], writer has \[4, 4\]"):
         StoreWriter(path, other, cfg=CFG)
     with pytest.raises(StoreMismatchError, match=r"modalities: store has \['audio', 'visual'\], "
                                                  r"writer has \['audio'\]"):

@@ -596,7 +596,7 @@ class TokenStore:
 
     def read_windows(self, name: str, rows: np.ndarray, starts: np.ndarray,
                      length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gather B windows of `length` frames: codes uint16 [B, length, tokens], valid bool [B, length].
+        """Gather B windows of `length` frames → codes uint16 [B, length, tokens], valid bool [B, length].
 
         ``rows`` [B] are clip-table rows and ``starts`` [B] frame offsets inside each clip. Frames
         past a clip's end are 0 and masked. One fancy-index from RAM when the codes are loaded,
@@ -723,7 +723,7 @@ def merge(path: str | os.PathLike, cfg: StoreConfig | None = None) -> MergeSumma
             return MergeSummary(0, 0, old.n_clips)
         meta = _read_meta(parts_dir(path)) or {}
         specs = _merge_specs(path, old, meta)
-        cfg = cfg or (StoreConfig(**meta["store"]) if "store" in meta else StoreConfig())
+        cfg = cfg or _merge_cfg(meta, old)
         table, sources = _merged_table(path, old, segments, specs)
         attrs = _merged_attrs(old, meta, specs, len(table["clip_id"]), segments)
         build = _lock_path(path) / "store"
@@ -829,6 +829,17 @@ def _merge_specs(path: Path, old: TokenStore | None, meta: dict[str, Any]) -> di
     if specs is None:
         raise StoreError(f"{parts_dir(path)}: segments but no {META}; cannot tell the modalities")
     return specs
+
+
+def _merge_cfg(meta: dict[str, Any], old: TokenStore | None) -> StoreConfig:
+    """Chunking of the merged store: the writers' StoreConfig, else the existing store's chunks."""
+    known = {f.name for f in dataclasses.fields(StoreConfig)}
+    if "store" in meta:
+        return StoreConfig(**{k: v for k, v in meta["store"].items() if k in known})
+    if old is not None:
+        rows = {f"{n}_chunk_rows": old.chunk_rows(n) for n in old.specs}
+        return StoreConfig(**{k: v for k, v in rows.items() if k in known})
+    return StoreConfig()
 
 
 def _merged_table(path: Path, old: TokenStore | None, segments: list[Segment],
