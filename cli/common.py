@@ -37,3 +37,35 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
         force=True,
     )
+
+
+class RichReporter:
+    """`vqmae.tokenize.Reporter` drawn as rich progress bars (one per named phase)."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RichReporter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, name: str, total: int | None) -> None:
+        self.tasks[name] = self.progress.add_task(name, total=total, info="")
+
+    def advance(self, name: str, n: int = 1, **fields) -> None:
+        info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        self.progress.update(self.tasks[name], advance=n, **({"info": info} if info else {}))
+
+    def finish(self, name: str) -> None:
+        task = self.tasks[name]
+        total = next(t.total for t in self.progress.tasks if t.id == task)
+        self.progress.update(task, completed=total)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import ingest, inspect, synth
+from cli import ingest, inspect, synth, tokenize
 
 app = typer.Typer(
     help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
@@ -15,6 +15,7 @@ app = typer.Typer(
 
 app.command("synth")(synth.synth)
 app.command("ingest")(ingest.ingest)
+app.command("tokenize")(tokenize.tokenize)
 app.command("inspect")(inspect.inspect)
 
 

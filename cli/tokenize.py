@@ -1,0 +1,118 @@
+"""`vqmae tokenize DATA --out STORE`: stage 1 from the command line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
+from vqmae.datasets import DatasetError, scan
+from vqmae.ingest import Failure, parse_modalities
+from vqmae.store import StoreError, TokenStore, parse_shard
+from vqmae.tokenize import (TokenizeError, encode_corpus, load_tokenizers, store_failures,
+                            train_tokenizers)
+from vqmae.utils import atomic_write_bytes, atomic_write_json, resolve_device
+
+
+def tokenize(
+    data: Annotated[Path, typer.Argument(help="Corpus root, or a CSV manifest.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token store to write (a .zarr directory).")],
+    tokenizers: Annotated[Optional[Path], typer.Option(help="Encode with these trained tokenizers (a directory with audio_vqvae.pt / visual_vqvae.pt) instead of training new ones.")] = None,
+    kind: Annotated[str, typer.Option(help="Dataset layout: auto, ravdess, cremad, enterface, voxceleb2, csv, folder.")] = "auto",
+    modalities: Annotated[str, typer.Option(help="av, audio or visual.")] = "av",
+    shard: Annotated[str, typer.Option(help="i/N: encode every N-th clip starting at i; run 0/1 (the default) afterwards to merge.")] = "0/1",
+    face: Annotated[Optional[str], typer.Option(help="Face mode: auto, fan, haar, none (sets face.mode).")] = None,
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/tokenize-<store name>).")] = None,
+    train_only: Annotated[bool, typer.Option(help="Train the tokenizers and stop before encoding.")] = False,
+    heldout: Annotated[float, typer.Option(help="Fraction of clips held out to evaluate the tokenizers.")] = 0.1,
+    preset: PresetOpt = "paper",
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Train audio + visual VQ-VAE tokenizers on a corpus (or load given ones) and encode every clip."""
+    setup_logging(verbose)
+    cfg = make_config(preset, list(set_ or []) + ([f"face.mode={face}"] if face else []))
+    try:
+        shard_ = parse_shard(shard)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--shard") from None
+    dev = resolve_device(device if device != "auto" else cfg.device)
+    run = run_dir or Path("runs") / f"tokenize-{out.name.removesuffix('.zarr')}"
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", cfg.to_dict())
+    t0 = time.perf_counter()
+    try:
+        mods = parse_modalities(modalities)
+        clips = scan(data, kind).clips
+        failures: list[Failure] = []
+        reporter = RichReporter(console)
+        with reporter:
+            if tokenizers is None:
+                if shard_ != (0, 1):
+                    raise TokenizeError("--shard needs --tokenizers: train once (e.g. with "
+                                        "--train-only), then give every shard the same tokenizers")
+                trained = train_tokenizers(clips, cfg, run, modalities=mods, device=dev,
+                                           workers=workers, heldout_fraction=heldout, reporter=reporter)
+                failures += trained.failures
+                tokenizers = run / "tokenizers"
+                _print_eval(trained.evaluation, tokenizers)
+            if train_only:
+                return
+            models = load_tokenizers(tokenizers, mods, dev)
+            result = encode_corpus(clips, cfg, out, models, shard=shard_, device=dev, workers=workers,
+                                   reporter=reporter)
+    except (DatasetError, TokenizeError, StoreError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    failed = store_failures(out) if result.merged else result.failed
+    _write_failures(run / "failures.csv", failed)
+    _print_summary(out, result, failed, run, time.perf_counter() - t0)
+
+
+def _print_eval(evaluation: dict, directory: Path) -> None:
+    table = Table(title=f"tokenizers in {directory} (held-out clips)")
+    for col in ("modality", "frames", "codebook usage", "perplexity", "recon error", "mean-frame error", "ratio"):
+        table.add_column(col, justify="right")
+    for m, e in evaluation.items():
+        table.add_row(m, str(e["frames"]), f"{e['usage']:.1%}", f"{e['perplexity']:.1f}",
+                      f"{e['recon_error']:.4g}", f"{e['mean_frame_error']:.4g}", f"{e['ratio']:.3f}")
+    console.print(table)
+
+
+def _write_failures(path: Path, failures: list[Failure]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "stage", "reason"])
+    w.writerows([[f.path, f.stage, f.reason] for f in failures])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _print_summary(out: Path, result, failed: list[Failure], run: Path, seconds: float) -> None:
+    table = Table(title="tokenize summary", show_header=False)
+    table.add_row("store", str(out) + ("" if result.merged else f" (parts, not merged yet)"))
+    table.add_row("clips encoded now", str(result.encoded))
+    table.add_row("clips already done (resumed)", str(result.skipped_done))
+    table.add_row("failed clips", str(len(failed)))
+    if result.merged:
+        store = TokenStore.open(out)
+        for m, spec in store.specs.items():
+            table.add_row(f"{m} frames", f"{int(store.clips[f'{m}_length'].sum())} "
+                                          f"(codebook {spec.codebook_size}, grid {list(spec.grid)})")
+    table.add_row("time", f"{seconds:.1f} s")
+    console.print(table)
+    if failed:
+        ft = Table(title=f"failed files ({len(failed)}), also in {run / 'failures.csv'}")
+        for col in ("file", "stage", "reason"):
+            ft.add_column(col, overflow="fold")
+        for f in failed[:50]:
+            ft.add_row(f.path, f.stage, f.reason)
+        console.print(ft)
+    console.print(f"run directory: [bold]{run}[/bold]")
