@@ -126,6 +126,7 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None) -> tuple[np.nda
 
 def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray, float]:
     cropper = get_cropper(cfg)
+    cropper.reset()  # the cropper tracks boxes across calls: start each clip afresh
     frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side)  # noqa: E731
     try:
         kept: list[np.ndarray] | None = []
