@@ -98,21 +98,22 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def fan_weights_present(detector: str = "haar") -> bool:
-    """True when FAN's landmark weights (and `detector`'s, if it needs any) are cached locally."""
+def missing_fan_weights(detector: str = "haar") -> list[str]:
+    """File names FAN (and `detector`, if it needs weights) would still have to download."""
     names = (FAN_WEIGHTS_FILE, *DETECTOR_WEIGHT_FILES[detector])
-    return all((hub_checkpoint_dir() / name).is_file() for name in names)
+    return [name for name in names if not (hub_checkpoint_dir() / name).is_file()]
 
 
 def resolve_mode(cfg: FaceConfig) -> str:
     """`auto` → `fan` when its weights are cached (never downloads), else `haar`; others unchanged."""
     if cfg.mode != "auto":
         return cfg.mode
-    where = hub_checkpoint_dir() / FAN_WEIGHTS_FILE
-    if fan_weights_present(cfg.fan_detector):
-        log.info("face mode auto → fan (landmark weights found at %s)", where)
+    where = hub_checkpoint_dir()
+    missing = missing_fan_weights(cfg.fan_detector)
+    if not missing:
+        log.info("face mode auto → fan (weights found in %s)", where)
         return "fan"
-    log.info("face mode auto → haar (no FAN weights at %s)", where)
+    log.info("face mode auto → haar (%s not in %s)", ", ".join(missing), where)
     return "haar"
 
 
@@ -423,7 +424,8 @@ class FaceCropper:
         fallback = box_matrix(box, scale, self.cfg.size)
         if self.mode != "fan":
             return fallback
-        found = self._fa.get_landmarks_from_image(frame, detected_faces=[box.astype(np.float64)])  # float32 breaks its torch maths
+        # float64: face-alignment's crop maths fails on numpy float32 scalars
+        found = self._fa.get_landmarks_from_image(frame, detected_faces=[box.astype(np.float64)])
         try:
             m, residual = align_matrix(found[0], self.cfg.size)
         except (ValueError, TypeError, IndexError, np.linalg.LinAlgError):
