@@ -300,7 +300,7 @@ class FaceCropper:
         self._fa = None
         if self.mode == "fan":
             self._fa = _load_fan(resolve_device(cfg.fan_device))
-        if self.mode in ("haar", "fan") and (self.mode == "haar" or cfg.fan_detector == "haar"):
+        if self.mode == "haar" or (self.mode == "fan" and cfg.fan_detector == "haar"):
             self._haar = _load_haar()
         elif self.mode == "fan":
             self._torch_detector = _load_fa_detector(cfg.fan_detector, resolve_device(cfg.fan_device))
