@@ -77,13 +77,13 @@ def main() -> None:
         print(json.dumps(run_mode(args.one, args.data, args.clips)))
         return
 
-    from vqmae.faces import fan_weights_present
+    from vqmae.faces import missing_fan_weights
 
     rows = []
     for mode in args.modes.split(","):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         note = ""
-        if mode == "fan" and not fan_weights_present():
+        if mode == "fan" and missing_fan_weights():
             env["TORCH_HOME"] = fake_fan_home()
             note = "random FAN weights (offline)"
         out = subprocess.run([sys.executable, __file__, "--data", args.data, "--clips", str(args.clips),
