@@ -202,9 +202,8 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... by cause
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated, corrupt or not a "
-                              f"plain-data torch file): {reason}") from e
+                              f"plain-data torch file): {_load_failure(e)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; this vqmae reads {FORMAT!r}")
@@ -214,6 +213,15 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     if kind is not None and ckpt["kind"] != kind:
         raise CheckpointError(f"{path}: checkpoint kind is {ckpt['kind']!r}, expected {kind!r}")
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """The informative line of a torch.load error (its weights_only message runs to a page)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    unsupported = [line for line in lines if "Unsupported global" in line]
+    if unsupported:
+        return "it holds pickled Python objects; " + unsupported[0].split(" was not an allowed")[0]
+    return lines[0] if lines else type(e).__name__
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
