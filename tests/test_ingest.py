@@ -112,5 +112,5 @@ def test_cli_ingest_reports(tmp_path, media_dir, face_video):
     failures = list(csv.reader(open(run / "failures.csv")))
     assert failures[1][0] == str(bad) and failures[1][1] == "video"
     assert (run / "faces.png").exists()
-    assert "failures (1)" in res.output and "(corrupt, truncated" in res.output
+    assert "failures (1)" in res.output and "ingest summary" in res.output
     assert "not a readable media container" in failures[1][2]
