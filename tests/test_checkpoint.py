@@ -1,4 +1,5 @@
-"""Checkpoint format vqmae-ckpt/1: weights_only roundtrip, rebuild from stored config, errors, atomicity."""
+"""Checkpoint format vqmae-ckpt/1: weights_only roundtrip, rebuild from stored config, errors,
+atomic writes."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def audio(cfg):
 @pytest.fixture
 def saved(tmp_path, audio, cfg):
     return save_checkpoint(tmp_path / "audio.pt", kind="audio_vqvae", model=audio, config=cfg,
-                           parents={"corpus": "ab" * 32}, step=7, metrics={"loss/recon": torch.tensor(0.5)})
+                           parents={"corpus": "ab" * 32}, step=7,
+                           metrics={"loss/recon": torch.tensor(0.5)})
 
 
 def test_roundtrip_loads_weights_only_with_every_field(saved, audio, cfg):
@@ -104,7 +106,8 @@ def test_wrong_kind_names_file_and_both_kinds(saved):
 
 def test_non_tokenizer_checkpoint_is_not_a_tokenizer(tmp_path, cfg):
     path = save_checkpoint(tmp_path / "mae.pt", kind="mae", model=nn.Linear(2, 2), config=cfg)
-    with pytest.raises(CheckpointError, match=r"mae\.pt: checkpoint kind is 'mae', expected a tokenizer"):
+    with pytest.raises(CheckpointError,
+                       match=r"mae\.pt: checkpoint kind is 'mae', expected a tokenizer"):
         load_tokenizer(path)
 
 
@@ -169,7 +172,8 @@ def test_save_refuses_values_weights_only_cannot_read(tmp_path, audio, cfg):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_interrupted_write_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch, audio, cfg):
+def test_interrupted_write_keeps_old_file_and_leaves_no_partial(tmp_path, monkeypatch, audio,
+                                                                cfg):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, kind="audio_vqvae", model=audio, config=cfg, step=1)
     before = checkpoint_sha256(path)

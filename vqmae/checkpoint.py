@@ -48,7 +48,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used; the message names the file and the reason."""
 
 
-# ------------------------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------------------------------- writing
 
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU copy of `state` without DDP (`module.`) or `torch.compile` (`_orig_mod.`) wrappers.
@@ -145,7 +145,8 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str,
     """
     path = Path(path)
     if kind not in KINDS:
-        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}; expected one of {list(KINDS)}")
+        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}; "
+                              f"expected one of {list(KINDS)}")
     ckpt = {
         "format": FORMAT,
         "kind": kind,
@@ -187,7 +188,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-# ------------------------------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------------------------- reading
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -206,7 +207,8 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                               f"plain-data torch file): {_load_failure(e)}") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; this vqmae reads {FORMAT!r}")
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; "
+                              f"this vqmae reads {FORMAT!r}")
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks required fields {missing}")

@@ -51,7 +51,8 @@ class VectorQuantizer(nn.Module):
                  dead_threshold: float = 1.0):
         super().__init__()
         if codebook_size < 1 or code_dim < 1:
-            raise ValueError(f"codebook_size and code_dim must be ≥ 1, got {codebook_size}, {code_dim}")
+            raise ValueError(f"codebook_size and code_dim must be ≥ 1, "
+                             f"got {codebook_size}, {code_dim}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.codebook_size = codebook_size
@@ -121,7 +122,7 @@ class VectorQuantizer(nn.Module):
 
     def _update_ema(self, flat: torch.Tensor, codes: torch.Tensor,
                     counts: torch.Tensor) -> torch.Tensor:
-        """EMA of per-code counts and vector sums, then codebook = smoothed mean. Returns counts [K]."""
+        """EMA of per-code counts and vector sums, then codebook = smoothed mean; returns counts [K]."""
         sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)  # [K, D]
         if _distributed():
             dist.all_reduce(counts)

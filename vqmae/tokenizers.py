@@ -37,7 +37,8 @@ class TokenizerOutput:
     recon: torch.Tensor  # same shape as the input (audio: power, visual: pixels)
     codes: torch.Tensor  # [B, *grid] int64
     loss: torch.Tensor  # [] reconstruction + commitment × commit
-    metrics: dict[str, torch.Tensor]  # detached scalars: loss/recon, loss/commit, vq/perplexity, vq/usage
+    # detached scalars: loss/recon, loss/commit, vq/perplexity, vq/usage
+    metrics: dict[str, torch.Tensor]
 
 
 class _ResBlock(nn.Module):
@@ -80,7 +81,8 @@ class _VQVAE(nn.Module):
     def n_tokens(self) -> int:
         return math.prod(self.grid)
 
-    def _output(self, recon: torch.Tensor, rec_loss: torch.Tensor, q: QuantizedResult) -> TokenizerOutput:
+    def _output(self, recon: torch.Tensor, rec_loss: torch.Tensor,
+                q: QuantizedResult) -> TokenizerOutput:
         loss = rec_loss + self.commitment * q.commit_loss
         metrics = {"loss/recon": rec_loss.detach(), "loss/commit": q.commit_loss.detach(),
                    "vq/perplexity": q.perplexity.detach(), "vq/usage": q.usage.detach()}
@@ -88,11 +90,12 @@ class _VQVAE(nn.Module):
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         if codes.dim() != 1 + len(self.grid) or tuple(codes.shape[1:]) != self.grid:
-            raise ValueError(f"{type(self).__name__}.decode expects codes [B, {', '.join(map(str, self.grid))}], "
+            grid = ", ".join(map(str, self.grid))
+            raise ValueError(f"{type(self).__name__}.decode expects codes [B, {grid}], "
                              f"got {tuple(codes.shape)}")
 
 
-# ---------------------------------------------------------------------------------------------- audio
+# ------------------------------------------------------------------------------------------ audio
 
 def audio_lengths(n_bins: int, n_tokens: int) -> list[int]:
     """Frequency lengths through the audio encoder, e.g. 513 → [513, 257, 129, 65, 64].
@@ -150,7 +153,8 @@ class AudioVQVAE(_VQVAE):
 
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.n_bins:
-            raise ValueError(f"AudioVQVAE expects power frames [B, {self.n_bins}], got {tuple(x.shape)}")
+            raise ValueError(f"AudioVQVAE expects power frames [B, {self.n_bins}], "
+                             f"got {tuple(x.shape)}")
         z = self.encoder(torch.log(x.float() + LOG_FLOOR).unsqueeze(1))  # [B, D, T]
         if z.shape[-1] != self.grid[0]:
             raise AssertionError(f"encoder produced {z.shape[-1]} positions, expected {self.grid[0]}")
@@ -184,7 +188,7 @@ def itakura_saito(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
     return (torch.expm1(d) - d).mean()
 
 
-# --------------------------------------------------------------------------------------------- visual
+# ----------------------------------------------------------------------------------------- visual
 
 class VisualVQVAE(_VQVAE):
     """One RGB face crop `[B, 3, size, size]` in [-0.5, 0.5] ↔ `[B, size/4, size/4]` codes.
