@@ -74,3 +74,15 @@ def media_dir(tmp_path: Path) -> Path:
     d = tmp_path / "media"
     d.mkdir()
     return d
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
+    spin-waiting makes them many times slower; one thread keeps the suite fast and repeatable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
