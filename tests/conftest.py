@@ -76,7 +76,7 @@ def media_dir(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
     spin-waiting makes them many times slower; one thread keeps the suite fast and repeatable."""
