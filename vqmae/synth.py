@@ -189,7 +189,7 @@ class ClipSpec:
 
     @property
     def path(self) -> str:
-        name = f"spk{self.speaker + 1:02d}"
+        name = speaker_name(self.speaker)
         ext = "mp4" if self.kind == "video" else "wav"
         return f"{self.kind}/{name}/{name}_{self.clip:03d}.{ext}"
 
@@ -235,15 +235,22 @@ def _rng(cfg: SynthConfig, tag: int, speaker: int, clip: int) -> np.random.Gener
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, tag, speaker, clip]))
 
 
+def clip_rng(cfg: SynthConfig, spec: ClipSpec) -> np.random.Generator:
+    """The clip's own stream: its parameters, then its voice, are drawn from it in that order."""
+    return _rng(cfg, 1, spec.speaker, spec.clip)
+
+
+def speaker_name(index: int) -> str:
+    return f"spk{index + 1:02d}"
+
+
 def make_speaker(cfg: SynthConfig, index: int) -> Speaker:
     """Voice and appearance of speaker `index`; voices are spread evenly over 100-230 Hz."""
     rng = _rng(cfg, 0, index, 0)
-    pos = (index + rng.uniform(0.2, 0.8)) / cfg.n_speakers
-    rng.permutation(8)  # keeps later draws stable if the spreading rule changes
-    f0 = 100.0 * 2.3 ** pos
+    pos = (index + rng.uniform(0.2, 0.8)) / cfg.n_speakers  # in (0, 1), rising with the index
     hue = rng.uniform(0, 1, size=2)
     return Speaker(
-        index=index, name=f"spk{index + 1:02d}", f0=float(f0),
+        index=index, name=speaker_name(index), f0=float(100.0 * 2.3 ** pos),
         formant_scale=float(0.92 + 0.22 * pos + rng.normal(0, 0.02)),
         rate_scale=float(rng.uniform(0.9, 1.1)), breath=float(rng.uniform(0.0, 0.06)),
         mirror=bool(index % 2), scale=float(rng.uniform(0.88, 1.08)),
@@ -294,14 +301,18 @@ class ClipParams:
 
 
 def clip_params(cfg: SynthConfig, spec: ClipSpec, rng: np.random.Generator) -> ClipParams:
+    """Length, intensity, jittered profile and dimensional labels of one clip.
+
+    intensity ~ U(0.55, 1.15) at variability 1 moves every cue (and valence / arousal / dominance)
+    that far from neutral, so a weak angry clip sits near a strong neutral one."""
     seconds = rng.uniform(cfg.min_seconds, cfg.max_seconds)
     n_frames = max(1, int(round(seconds * FPS)))
     j = cfg.variability
-    intensity = float(np.clip(rng.uniform(0.55, 1.15) if j > 0 else 1.0, 0.0, 1.5))
+    intensity = float(np.clip(1.0 + j * rng.uniform(-0.45, 0.15), 0.1, 1.5))
     base, target = EMOTIONS["neutral"], EMOTIONS[spec.label]
     mix = {f.name: getattr(base, f.name) + intensity * (getattr(target, f.name) - getattr(base, f.name))
            for f in dataclasses.fields(Emotion) if f.name not in ("vad", "face")}
-    noise = rng.standard_normal(8) * j
+    noise = rng.standard_normal(6) * j
     mix["pitch_st"] += 1.0 * noise[0]
     mix["range_st"] *= float(np.exp(0.2 * noise[1]))
     mix["rate"] *= float(np.exp(0.1 * noise[2]))
@@ -636,7 +647,7 @@ class Clip:
 
 def make_clip(cfg: SynthConfig, spec: ClipSpec) -> Clip:
     """Audio and per-frame mouth opening of one clip (frames are rendered while encoding)."""
-    rng = _rng(cfg, 1, spec.speaker, spec.clip)
+    rng = clip_rng(cfg, spec)
     params = clip_params(cfg, spec, rng)
     hop = cfg.audio_rate // FPS
     spk = make_speaker(cfg, spec.speaker)
@@ -718,7 +729,7 @@ def write_clip(cfg: SynthConfig, spec: ClipSpec, out_dir: str | os.PathLike) -> 
         data = wav_bytes(clip.audio, cfg.audio_rate)
     _write_atomic(Path(out_dir) / spec.path, data)
     v, a, d = clip.params.vad
-    return ClipRecord(spec.path, f"spk{spec.speaker + 1:02d}", spec.label, v, a, d,
+    return ClipRecord(spec.path, speaker_name(spec.speaker), spec.label, v, a, d,
                       clip.params.n_frames / FPS, spec.kind)
 
 
