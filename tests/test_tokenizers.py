@@ -399,3 +399,21 @@ def test_cuda_bf16_autocast_matches_contract(cfg, kind):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = vq.encode(hard.to("cuda")).cpu()
     assert torch.equal(got, torch.cdist(hard.double(), vq.codebook.cpu().double()).argmin(1))
+
+
+def test_audio_input_standardisation_is_part_of_the_model(cfg):
+    torch.manual_seed(0)
+    power = torch.rand(64, 513) * torch.logspace(2, -4, 513)  # a steep spectral tilt
+    model = build_tokenizer("audio_vqvae", cfg).eval()
+    model.set_input_stats(power)
+    log_p = torch.log(power + 1e-8)
+    assert torch.allclose(model.log_mean, log_p.mean(0)) and torch.allclose(model.log_std, log_p.std(0))
+    # the statistics travel in the state dict, so a rebuilt model encodes identically
+    clone = build_tokenizer("audio_vqvae", cfg).eval()
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.encode(power), model.encode(power))
+    fresh = build_tokenizer("audio_vqvae", cfg).eval()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if k not in ("log_mean", "log_std")}, strict=False)
+    codes = model.encode(power)
+    assert not torch.allclose(fresh.decode(codes), model.decode(codes))  # the decoder output is de-standardised

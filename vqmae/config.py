@@ -176,8 +176,10 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
-        audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=256,
-                               warmup_steps=30),
+        # Measured on the tiny demo corpus (held-out usage / error ratio vs mean spectrum):
+        # batch 256, lr 1e-3, dead 1.0 → 54% / 0.108 in 98 s; batch 128, lr 2e-3, dead 2.0 → 84% / 0.089 in 51 s.
+        audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=128, lr=2e-3,
+                               dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,

@@ -191,6 +191,9 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
         log.info("%s: resuming %s at step %d of %d", path, kind, step, tcfg.steps)
     if step >= tcfg.steps:
         return path
+    if step == 0 and hasattr(model, "set_input_stats"):
+        stats_frames = pool.frames[:pool.filled][:: max(1, pool.filled // 20000)]
+        model.set_input_stats(torch.from_numpy(stats_frames).to(device))
     model.train()
     ctx = autocast_context(device)
     reporter.start(f"train {modality}", tcfg.steps)

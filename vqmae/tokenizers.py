@@ -146,6 +146,18 @@ class AudioVQVAE(_VQVAE):
         self.decoder = nn.Sequential(nn.Conv1d(cfg.code_dim, c, 3, padding=1),
                                      *[_ResBlock(c, 1) for _ in range(cfg.n_res_blocks)],
                                      *reversed(dec), nn.ReLU(), nn.Conv1d(c, 1, 3, padding=1))
+        # Per-bin log-power statistics of the training data (set once by `set_input_stats`): the
+        # encoder sees standardised log-power and the decoder predicts in the same units, so neither
+        # has to learn the ~30 dB tilt of speech spectra. Buffers: saved with the weights.
+        self.register_buffer("log_mean", torch.zeros(n_bins))
+        self.register_buffer("log_std", torch.ones(n_bins))
+
+    @torch.no_grad()
+    def set_input_stats(self, power: torch.Tensor) -> None:
+        """Set the standardisation from representative training frames `[N, n_bins]`."""
+        log_p = torch.log(power.float() + LOG_FLOOR)
+        self.log_mean.copy_(log_p.mean(0))
+        self.log_std.copy_(log_p.std(0).clamp_min(1e-3) if len(log_p) > 1 else torch.ones_like(self.log_std))
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -155,13 +167,15 @@ class AudioVQVAE(_VQVAE):
         if x.dim() != 2 or x.shape[1] != self.n_bins:
             raise ValueError(f"AudioVQVAE expects power frames [B, {self.n_bins}], "
                              f"got {tuple(x.shape)}")
-        z = self.encoder(torch.log(x.float() + LOG_FLOOR).unsqueeze(1))  # [B, D, T]
+        z = (torch.log(x.float() + LOG_FLOOR) - self.log_mean) / self.log_std
+        z = self.encoder(z.unsqueeze(1))  # [B, D, T]
         if z.shape[-1] != self.grid[0]:
             raise AssertionError(f"encoder produced {z.shape[-1]} positions, expected {self.grid[0]}")
         return z.transpose(1, 2)  # [B, T, D]
 
     def _log_power(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.decoder(vectors.transpose(1, 2)).squeeze(1)  # [B, T, D] → [B, n_bins]
+        out = self.decoder(vectors.transpose(1, 2)).squeeze(1)  # [B, T, D] → [B, n_bins]
+        return out.float() * self.log_std + self.log_mean
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Power frames `[B, n_bins]` → codes `[B, n_tokens]` int64."""
