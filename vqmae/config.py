@@ -109,6 +109,49 @@ class VisualVQConfig:
 
 
 @dataclass(frozen=True)
+class MAEConfig:
+    """Masked-token transformer over audio + visual codes (DESIGN.md §2, VQ-MAE-AV)."""
+
+    modalities: Literal["av", "audio", "visual"] = "av"
+    window_seconds: float = 2.0  # 50 video frames + 100 audio frames at the default rates
+    visual_tube: tuple[int, ...] = (4, 4, 5)  # tokens (height, width) × frames per visual patch
+    audio_patch: tuple[int, ...] = (4, 10)  # frequency tokens × frames per audio patch
+    visual_embed_dim: int = 4  # per-id embedding; 4 × 80 ids = 320 per tube
+    audio_embed_dim: int = 8  # 8 × 40 ids = 320 per patch
+    width: int = 320
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    encoder_depth: int = 6
+    decoder_depth: int = 3
+    dropout: float = 0.0
+    fusion: Literal["joint", "cross"] = "joint"
+    # masking, per clip
+    masking: Literal["coupled", "fixed", "time", "audio2visual", "visual2audio"] = "coupled"
+    mask_ratio_audio: float = 0.5  # for "fixed" and "time"
+    mask_ratio_visual: float = 0.5
+    contrastive_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 100_000
+    batch_size: int = 256
+    base_lr: float = 1e-3  # lr = base_lr × batch_size / 256
+    warmup_steps: int = 2_000
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    val_fraction: float = 0.05  # clips held out for validation loss / accuracy
+    val_every: int = 1_000
+    ckpt_every: int = 1_000
+    log_every: int = 20
+    recon_every: int = 5_000
+    compile: bool = False
+    workers: int = 4  # DataLoader workers for stores that do not fit in RAM
+    ram_limit_gb: float = 8.0  # stores with fewer code bytes than this are loaded into RAM
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     n_speakers: int = 6
     clips_per_speaker: int = 48
@@ -141,6 +184,8 @@ class Config:
     face: FaceConfig = field(default_factory=FaceConfig)
     audio_vq: AudioVQConfig = field(default_factory=AudioVQConfig)
     visual_vq: VisualVQConfig = field(default_factory=VisualVQConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -182,6 +227,10 @@ def _tiny() -> Config:
                                dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
+        mae=MAEConfig(width=64, heads=2, encoder_depth=2, decoder_depth=1),
+        pretrain=PretrainConfig(steps=300, batch_size=32, base_lr=8e-3, warmup_steps=30,
+                                val_fraction=0.1, val_every=100, ckpt_every=100, log_every=10,
+                                recon_every=300, workers=0),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
                           min_seconds=1.0, max_seconds=2.0, frame_size=128),
         store=StoreConfig(segment_clips=4, audio_chunk_rows=512, visual_chunk_rows=128),
