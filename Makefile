@@ -10,7 +10,10 @@ DEVICE ?= auto
 PRESET ?= tiny
 FACE ?= haar
 
-.PHONY: install test test-slow demo synth ingest bench-ingest clean
+STORE ?= $(DEMO)/tokens.zarr
+WORKERS ?= 2
+
+.PHONY: install test test-slow demo synth ingest tokenize inspect bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -27,13 +30,25 @@ test-slow:  ## the long tests excluded from `make test`
 synth:
 	$(BIN)/vqmae synth $(DATA) --preset $(PRESET) --force
 
-ingest:
-	$(BIN)/vqmae ingest $(DATA) --face $(FACE) --preset $(PRESET) --run-dir $(RUN)/ingest
+ingest:  ## decode + crop every clip, list failures (a dry run of tokenize's decoding)
+	$(BIN)/vqmae ingest $(DATA) --face $(FACE) --preset $(PRESET) --workers $(WORKERS) --run-dir $(RUN)/ingest
 
-demo: synth ingest  ## demo corpus → decode + face crops (later stages join as they land)
+tokenize:  ## stage 1: train both tokenizers on DATA and encode it into STORE
+	$(BIN)/vqmae tokenize $(DATA) --out $(STORE) --face $(FACE) --preset $(PRESET) \
+		--workers $(WORKERS) --device $(DEVICE) --run-dir $(RUN)/tokenize
+
+inspect:
+	$(BIN)/vqmae inspect $(STORE)
+
+demo:  ## synth → tokenize (tiny preset) → store summary; later stages join as they land
+	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize
+	$(MAKE) synth tokenize inspect
 
 bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
+
+bench-tokenize:
+	$(BIN)/python benchmarks/tokenize.py --data $(DATA) --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

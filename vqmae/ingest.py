@@ -108,7 +108,7 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None) -> tuple[np.nda
         target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
         offset = (len(wave) - target) / cfg.audio.sample_rate
         wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
-        if abs(offset) > 0.1:
+        if abs(offset) > 0.2:  # AAC priming + end padding alone add ~0.1 s
             log.warning("%s: audio and video lengths differ by %.3f s; audio %s to match the video",
                         src, offset, "trimmed" if offset > 0 else "zero-padded")
     n_frames = frames_for_samples(len(wave), cfg.audio)
