@@ -149,6 +149,8 @@ class PretrainConfig:
     compile: bool = False
     workers: int = 4  # DataLoader workers for stores that do not fit in RAM
     ram_limit_gb: float = 8.0  # stores with fewer code bytes than this are loaded into RAM
+    # Streaming path (stores over ram_limit_gb): codes read per shuffle group, per worker.
+    stream_buffer_mb: float = 256.0
 
 
 @dataclass(frozen=True)
