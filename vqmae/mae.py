@@ -332,6 +332,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """x `[B, L, D]`, key_valid `[B, L]` bool (False = never attended to)."""
+        if x.shape[1] == 0:  # a modality with no visible patch in the whole batch (cross fusion)
+            return x
         x = x + self.attn(self.norm1(x), key_valid=key_valid)
         return x + self.mlp(self.norm2(x))
 
@@ -347,14 +349,13 @@ class CrossBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         """x `[B, L, D]`, context `[B, S, D]`, key_valid `[B, S]` → `[B, L, D]`."""
+        if x.shape[1] == 0 or context.shape[1] == 0:
+            return x
         has_keys = key_valid.any(1)  # [B]
         # A sample without context keys (its other modality fully masked) attends to a dummy key
         # (no NaN from an empty softmax) and its update is then dropped.
         safe = key_valid.clone()
-        if safe.shape[1]:
-            safe[:, 0] |= ~has_keys
-        else:
-            return x
+        safe[:, 0] |= ~has_keys
         update = self.attn(self.norm_q(x), self.norm_kv(context), safe)
         return x + update * has_keys[:, None, None].to(update.dtype)
 
@@ -413,7 +414,7 @@ class MAEEncoding:
 
 
 @dataclass
-class _Inputs:
+class MAEInputs:
     ids: dict[str, torch.Tensor]  # [B, N, P] int64, padded ids set to 0
     token_valid: dict[str, torch.Tensor]  # [B, N, P] bool
     padding: dict[str, torch.Tensor]  # [B, N] bool
@@ -487,7 +488,7 @@ class MAEModel(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def prepare(self, batch: Mapping[str, torch.Tensor]) -> _Inputs:
+    def prepare(self, batch: Mapping[str, torch.Tensor]) -> MAEInputs:
         """Check a batch's shapes and patchify codes and validity (see the module docstring)."""
         ids, token_valid, padding, sizes = {}, {}, {}, {}
         for m in self.names:
@@ -500,7 +501,7 @@ class MAEModel(nn.Module):
             sizes[m] = codes.shape[0]
         if len(set(sizes.values())) > 1:
             raise ValueError(f"batch sizes differ between modalities: {sizes}")
-        return _Inputs(ids, token_valid, padding)
+        return MAEInputs(ids, token_valid, padding)
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor], m: str) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims.get(m)
@@ -532,7 +533,7 @@ class MAEModel(nn.Module):
                                  f" outside the codebook [0, {d.codebook_size})")
         return codes, valid
 
-    def _embed(self, inp: _Inputs) -> dict[str, torch.Tensor]:
+    def embed(self, inp: MAEInputs) -> dict[str, torch.Tensor]:
         """Patch embeddings `[B, N, width]` plus encoder position and modality embeddings."""
         out = {}
         for m in self.names:
@@ -549,7 +550,7 @@ class MAEModel(nn.Module):
 
     # -- encoder -----------------------------------------------------------------------------
 
-    def _encode(self, x: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
+    def encode_visible(self, x: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
         """Run the encoder on visible patches only → `[B, N, width]` per modality, 0 elsewhere."""
         if self.cfg.fusion == "joint":
             out = self._encode_joint(x, masking)
@@ -585,12 +586,12 @@ class MAEModel(nn.Module):
         given = mask or {}
         masking = masking_from({m: given.get(m, torch.zeros_like(p)) for m, p in inp.padding.items()},
                                inp.padding)
-        feats = self._encode(self._embed(inp), masking)
+        feats = self.encode_visible(self.embed(inp), masking)
         return MAEEncoding(feats, inp.padding, {m: masking.visible(m) for m in self.names})
 
     # -- decoder and loss --------------------------------------------------------------------
 
-    def _decode(self, enc: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
+    def decode(self, enc: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
         """Encoded visible patches + mask tokens elsewhere → decoder features `[B, N, width]`."""
         parts = []
         for m in self.names:
@@ -604,7 +605,7 @@ class MAEModel(nn.Module):
         h = self.decoder_norm(h)
         return dict(zip(self.names, h.split([self.layouts[m].n_patches for m in self.names], 1)))
 
-    def _logits(self, m: str, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, m: str, h: torch.Tensor) -> torch.Tensor:
         """Decoder features `[..., width]` → logits `[..., patch_ids, codebook_size]`."""
         return self.head[m](h).unflatten(-1, (self.layouts[m].patch_ids, -1))
 
@@ -623,18 +624,18 @@ class MAEModel(nn.Module):
             masking = self.sample_masking(inp.padding, generator)
         else:
             masking = masking_from(mask, inp.padding)
-        enc = self._encode(self._embed(inp), masking)
-        dec = self._decode(enc, masking)
-        loss, metrics = self._ce_loss(inp, masking, dec)
+        enc = self.encode_visible(self.embed(inp), masking)
+        dec = self.decode(enc, masking)
+        loss, metrics = self.reconstruction_loss(inp, masking, dec)
         if len(self.names) == 2:
             contrastive = self._contrastive(enc, masking)
             metrics["loss/contrastive"] = contrastive.detach()
             if self.cfg.contrastive_weight:
                 loss = loss + self.cfg.contrastive_weight * contrastive
-        logits = {m: self._logits(m, dec[m]) for m in self.names} if return_logits else {}
+        logits = {m: self.logits(m, dec[m]) for m in self.names} if return_logits else {}
         return MAEOutput(loss, logits, dict(masking.mask), metrics)
 
-    def _ce_loss(self, inp: _Inputs, masking: Masking, dec: dict[str, torch.Tensor]
+    def reconstruction_loss(self, inp: MAEInputs, masking: Masking, dec: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = dec[self.names[0]].new_zeros((), dtype=torch.float32)
         metrics = {}
@@ -645,7 +646,7 @@ class MAEModel(nn.Module):
             tokens = inp.token_valid[m][mask]  # [M, P]
             if not tokens.any():
                 continue
-            logits = self._logits(m, dec[m][mask])[tokens].float()  # [n_tokens, C]
+            logits = self.logits(m, dec[m][mask])[tokens].float()  # [n_tokens, C]
             target = inp.ids[m][mask][tokens]  # [n_tokens]
             ce = F.cross_entropy(logits, target)
             loss = loss + ce
