@@ -386,6 +386,16 @@ def test_given_mask_and_encode():
     out = m(batch, None, mask=hide)
     assert torch.equal(out.mask["visual"], hide["visual"]) and not out.mask["audio"].any()
     assert torch.equal(masking_from(hide, padding).mask["visual"], hide["visual"])
+    # a caller may hide a whole sample (modality dropout): finite, zero features for it alone
+    for fusion in ("joint", "cross"):
+        m = model(fusion=fusion).eval()
+        with torch.no_grad():
+            full = m.encode(batch)
+            gone = m.encode(batch, {"audio": torch.ones(4, 20, dtype=torch.bool),
+                                    "visual": torch.arange(4)[:, None].expand(4, 40) == 0})
+        assert (gone.features["visual"][0] == 0).all() and (gone.features["audio"] == 0).all()
+        assert torch.isfinite(gone.features["visual"]).all()
+        assert not torch.allclose(gone.features["visual"][1:], full.features["visual"][1:])
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ def _build_masking(mask: dict[str, torch.Tensor], padding: dict[str, torch.Tenso
 
 def masking_from(mask: Mapping[str, torch.Tensor], padding: Mapping[str, torch.Tensor]) -> Masking:
     """A `Masking` from given masks (`[B, N]` bool per modality); padding patches are never masked."""
-    masks = {m: mask[m].bool() & ~padding[m] for m in padding}
+    masks = {m: (mask[m].bool() if m in mask else torch.zeros_like(p)) & ~p
+             for m, p in padding.items()}
     noise = {m: torch.zeros(p.shape, device=p.device) for m, p in padding.items()}
     return _build_masking(masks, padding, noise)
 
@@ -556,7 +557,7 @@ class MAEModel(nn.Module):
             out = self._encode_joint(x, masking)
         else:
             out = self._encode_cross(x, masking)
-        return {m: out[m] * masking.visible(m).unsqueeze(-1).to(out[m].dtype) for m in self.names}
+        return {m: torch.where(masking.visible(m).unsqueeze(-1), out[m], 0.0) for m in self.names}
 
     def _encode_joint(self, x: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
         seq = torch.cat([x[m] for m in self.names], 1)  # [B, N_total, D]
@@ -583,9 +584,7 @@ class MAEModel(nn.Module):
         """Encoder features for fine-tuning: every valid patch visible unless `mask` ([B, N] bool
         per modality, True = hidden) says otherwise. Features are `[B, N, width]` per modality."""
         inp = self.prepare(batch)
-        given = mask or {}
-        masking = masking_from({m: given.get(m, torch.zeros_like(p)) for m, p in inp.padding.items()},
-                               inp.padding)
+        masking = masking_from(mask or {}, inp.padding)
         feats = self.encode_visible(self.embed(inp), masking)
         return MAEEncoding(feats, inp.padding, {m: masking.visible(m) for m in self.names})
 
@@ -679,6 +678,10 @@ def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor
     idx = ids_shuffle[:, :k]
     seq = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     valid = torch.arange(k, device=x.device) < n_visible[:, None]
+    if k:
+        # A sample with nothing visible (possible only with a caller's mask) attends to one
+        # dummy key instead of an empty softmax (NaN); its outputs are discarded afterwards.
+        valid[:, 0] |= n_visible == 0
     return seq, valid
 
 
