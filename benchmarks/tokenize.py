@@ -15,8 +15,15 @@ multiply by decoding workers for a machine estimate until the encoder is the bot
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# standard library's `tokenize` (imported by `inspect`, hence by numpy and torch).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
 import platform
 import resource
 import time
