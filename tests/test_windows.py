@@ -283,8 +283,8 @@ def test_tile_windows():
 def test_gather_matches_loops():
     rng = np.random.default_rng(0)
     src = rng.integers(0, 100, (30, 3)).astype(np.uint16)
-    cs, cl, st = np.array([0, 10, 25]), np.array([10, 15, 5]), np.array([2, 0, 4])
-    codes, valid = gather(src, cs, cl, st, 6)
+    first, avail = np.array([2, 10, 29]), np.array([8, 15, 1])  # clips at 0, 10, 25
+    codes, valid = gather(src, first, avail, 6)
     assert valid.sum(1).tolist() == [6, 6, 1]
     assert np.array_equal(codes[0], src[2:8]) and np.array_equal(codes[2, 0], src[29])
     assert (codes[2, 1:] == 0).all()
