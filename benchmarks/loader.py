@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard library's
-# (numpy imports it): drop it before importing anything else.
+# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
+# library's (numpy imports it): drop it before importing anything else.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
@@ -42,7 +42,7 @@ METHODS = ("ram", "stream-w0", "stream-w2", "naive")
 
 
 def build_store(path: Path, n_clips: int, seconds: float, seed: int) -> float:
-    """Paper-shaped av store (64 audio tokens at 50 fps, 24 × 24 visual at 25 fps); seconds taken."""
+    """Paper-shaped av store (64 audio tokens at 50 fps, 24 × 24 visual at 25 fps) → seconds."""
     rng = np.random.default_rng(seed)
     specs = {"audio": ModalitySpec("audio", 256, (64,), 50.0, "0" * 64),
              "visual": ModalitySpec("visual", 512, (24, 24), 25.0, "1" * 64)}
@@ -130,7 +130,8 @@ def main() -> None:
             console.print(f"built {path} ({args.clips} clips) in {took:.1f} s")
         store = TokenStore.open(path)
         gb = sum(store.n_frames(m) * s.n_tokens * 2 for m, s in store.specs.items()) / 2 ** 30
-        console.print(f"{store.n_clips} clips, {store.hours('visual'):.2f} h, {gb:.2f} GiB of codes")
+        console.print(f"{store.n_clips} clips, {store.hours('visual'):.2f} h, "
+                      f"{gb:.2f} GiB of codes")
         table = Table("method", "windows/s", "start-up s", "peak RSS GiB")
         for method in args.methods.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", method, "--path", str(path),

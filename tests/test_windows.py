@@ -27,7 +27,7 @@ def kind(i: int) -> str:
 
 
 def make_clip(i: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """Visual lengths 1..39 frames (many shorter than a window); audio 2× (one short when i%10==5)."""
+    """Visual lengths 1..39 frames (many below a window); audio 2× (one short when i%10==5)."""
     rng = np.random.default_rng(100 + i)
     n_v = int(rng.integers(1, 40)) if i % 6 else int(rng.integers(1, 10))
     n_a = 2 * n_v - (i % 10 == 5)
@@ -305,10 +305,18 @@ def streamed(store_path) -> WindowData:
     return d
 
 
-def test_streaming_covers_all_clips_and_equals_naive_slicing(streamed, data):
+def test_streaming_covers_all_clips_and_equals_naive_slicing(streamed, data, monkeypatch):
     ds = streamed.streaming(epochs=1, drop_last=False)
     assert len(ds.blocks) > 4 and ds.blocks_per_group < len(ds.blocks)
+    carried, group = [], StreamingWindows._group
+
+    def spy(self, epoch, blocks, carry):
+        carried.append(0 if carry is None else len(carry.rows))
+        return group(self, epoch, blocks, carry)
+
+    monkeypatch.setattr(StreamingWindows, "_group", spy)
     batches = list(ds)
+    assert len(carried) > 2 and max(carried) > 0  # leftovers crossed group boundaries
     assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1)
     got = stream_samples(batches)
     assert Counter(r for r, _ in got.elements()) == dict(zip(data.plan.rows.tolist(),

@@ -1,8 +1,8 @@
 """Stage-2 data path: fixed-length windows of codes drawn from a token store (DESIGN.md §3, §7).
 
 A *window* is ``MAEConfig.window_seconds`` of one clip: 50 visual frames [50, 24, 24] and the 100
-audio frames [100, 64] of the same 2 s at the default rates. Windows start on a common time grid, the
-*step*, one frame of the slowest requested modality (1/25 s in ``av`` mode), so an audio window
+audio frames [100, 64] of the same 2 s at the default rates. Windows start on a common time grid,
+the *step*, one frame of the slowest requested modality (1/25 s in ``av`` mode), so an audio window
 always starts at 2 × the visual start. Frames past a clip's end are code 0 with ``valid`` False.
 
 Decisions (documented here because the training loop relies on them):
@@ -96,9 +96,8 @@ def window_geometry(specs: Mapping[str, ModalitySpec], mode: str,
         raise ValueError(f"mode {mode!r} needs {list(names)} but the store has only "
                          f"{sorted(specs)}")
     step_rate = min(specs[m].frame_rate for m in names)
-    frames = {m: _whole(window_seconds * specs[m].frame_rate,
-                        f"{m} frames per window ({window_seconds:g} s × {specs[m].frame_rate:g} fps)")
-              for m in names}
+    frames = {m: _whole(window_seconds * specs[m].frame_rate, f"{m} frames per window "
+                        f"({window_seconds:g} s × {specs[m].frame_rate:g} fps)") for m in names}
     ratio = {m: _whole(specs[m].frame_rate / step_rate,
                        f"{m} frame rate / {step_rate:g} fps (audio/visual alignment)")
              for m in names}
@@ -129,7 +128,7 @@ def _hash_unit(seed: int, clip_ids: np.ndarray) -> np.ndarray:
 
 def split_rows(clips: Mapping[str, np.ndarray], rows: np.ndarray, val_fraction: float,
                seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-clip train/validation split of ``rows`` → (train [n_t], val [n_v]), both sorted."""
+    """Seeded per-clip train/validation split of ``rows`` → (train [n_t], val [n_v]), sorted."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction {val_fraction} must lie in [0, 1)")
     rows = np.asarray(rows, np.int64)
@@ -248,7 +247,7 @@ class WindowPlan:
         return self._cache[epoch]
 
     def samples(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Samples ``first .. first+count-1`` of the endless sequence → (rows [count], starts [count])."""
+        """Samples first .. first + count - 1 of the endless sequence → (rows, starts) [count]."""
         index = np.arange(first, first + count, dtype=np.int64)
         rows = np.empty(count, np.int64)
         starts = np.empty(count, np.int64)
