@@ -13,7 +13,7 @@ from rich.table import Table
 from cli.common import console, err_console
 from vqmae.store import PendingInfo, StoreError, TokenStore, parts_dir, pending
 
-PathArg = Annotated[Path, typer.Argument(help="A token store directory (e.g. runs/x/tokens.zarr).")]
+PathArg = Annotated[Path, typer.Argument(help="A token store directory or a checkpoint (.pt).")]
 
 
 def inspect(
@@ -23,7 +23,11 @@ def inspect(
     usage: Annotated[bool, typer.Option("--usage/--no-usage",
                                         help="Count codebook usage (reads every code).")] = True,
 ) -> None:
-    """Describe a token store: modalities, tokenizers, hours, clips, failures, pending segments."""
+    """Describe a token store (modalities, tokenizers, hours, clips, failures, pending segments)
+    or a checkpoint (kind, step, parents, metrics, config)."""
+    if path.is_file():
+        _print_checkpoint(path)
+        return
     store, info = _open(path)
     if store is not None:
         _print_store(store, failures, top, usage)
@@ -128,3 +132,32 @@ def _print_pending(path: Path, info: PendingInfo) -> None:
     console.print(f"[yellow]pending in {parts_dir(path)}:[/yellow] {len(info.segments)} unmerged "
                   f"segments, {info.n_clips} clips ({info.n_failed} failed), {info.n_tmp} "
                   f"half-written; run merge to fold them in")
+
+
+def _print_checkpoint(path: Path) -> None:
+    from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if "quantizer" not in k)
+    table = Table(title=str(path), show_header=False)
+    table.add_row("format", ckpt["format"])
+    table.add_row("kind", ckpt["kind"])
+    table.add_row("vqmae version", str(ckpt.get("vqmae_version")))
+    table.add_row("sha256", checkpoint_sha256(path))
+    table.add_row("step", str(ckpt["step"]))
+    table.add_row("parameters", f"{n_params:,}")
+    table.add_row("resumable", "yes" if ckpt.get("optimizer") else "no (weights only)")
+    for name, sha in sorted(ckpt.get("parents", {}).items()):
+        table.add_row(f"parent {name}", sha)
+    for key, value in sorted(ckpt.get("metrics", {}).items()):
+        table.add_row(key, f"{value:.5g}" if isinstance(value, float) else str(value))
+    cfg = ckpt["config"]
+    section = {"audio_vqvae": "audio_vq", "visual_vqvae": "visual_vq", "mae": "mae"}.get(ckpt["kind"])
+    if section and section in cfg:
+        table.add_row(f"config.{section}", ", ".join(f"{k}={v}" for k, v in cfg[section].items()))
+    table.add_row("config.preset", str(cfg.get("preset")))
+    console.print(table)

@@ -149,3 +149,15 @@ def test_sigkill_then_rerun_equals_uninterrupted(trained, tmp_path):
         np.testing.assert_array_equal(a.clips[col], b.clips[col])
     for m in ("audio", "visual"):
         np.testing.assert_array_equal(a.codes(m), b.codes(m))
+
+
+def test_inspect_checkpoint_and_store(trained):
+    tmp, manifest, store, run, _ = trained
+    res = run_cli(["inspect", str(run / "tokenizers" / "audio_vqvae.pt")])
+    assert "audio_vqvae" in res.output and "vqmae-ckpt/1" in res.output and "loss/total" in res.output
+    res = run_cli(["inspect", str(store)])
+    assert "vqmae-tokens/1" in res.output and "failed" in res.output
+    bad = tmp / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert res.exit_code == 2 and "bad.pt" in res.output

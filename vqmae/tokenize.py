@@ -199,6 +199,7 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
     reporter.start(f"train {modality}", tcfg.steps)
     reporter.advance(f"train {modality}", step)
     window: list[dict[str, float]] = []
+    last: dict[str, float] = {}
     while step < tcfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps)
@@ -217,7 +218,7 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
         if step % log_every == 0 or step == tcfg.steps:
             row = {"step": step, "model": kind, "lr": opt.param_groups[0]["lr"],
                    **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
-            window = []
+            window, last = [], row
             if metrics_file is not None:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -226,7 +227,7 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
         if step % ckpt_every == 0 or step == tcfg.steps:
             save_checkpoint(path, kind=kind, model=model, config=cfg.to_dict(), step=step,
                             optimizer=opt, extra={"generator": gen.get_state()},
-                            metrics={k: v for k, v in (window[-1] if window else {}).items()})
+                            metrics={k: v for k, v in last.items() if k != "model"})
     reporter.finish(f"train {modality}")
     return path
 
