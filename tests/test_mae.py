@@ -439,3 +439,17 @@ def test_paper_size_and_flops():
     heads_added = 6 * (320 * 40960 * 90 + 320 * 10240 * 40)
     assert flops_per_window(cfg, m.dims, 0.75) - flops == pytest.approx(heads_added - enc_saved, rel=0.01)
     assert flops_per_window(replace(cfg, fusion="cross"), m.dims) != flops
+
+
+def test_factorised_head():
+    cfg = load_config("paper", ["mae.head_dim=16"]).mae
+    m = MAEModel(cfg, SPECS)
+    heads = sum(p.numel() for p in m.head.parameters())
+    assert heads == (320 * 80 * 16 + 80 * 16 + 16 * 512 + 512) + (320 * 40 * 16 + 40 * 16 + 16 * 256 + 256)
+    assert 8.3e6 < m.num_params() < 8.5e6
+    assert 20e9 < flops_per_window(cfg, m.dims) < 22e9 < flops_per_window(load_config("paper").mae, m.dims)
+    small = model(head_dim=8)
+    out = small(make_batch(), gen(0), return_logits=True)
+    assert out.logits["visual"].shape == (4, 40, 80, 32) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="head_dim=-1 must be 0"):
+        model(head_dim=-1)

@@ -41,6 +41,7 @@ CONTRASTIVE_TEMPERATURE = 0.1
 # Masking groups: the sort key is group + noise (noise in [0, 1)), so one argsort orders patches
 # visible → masked → padding and, within a group, by noise.
 _VISIBLE, _MASKED, _PADDING = 0.0, 1.0, 2.0
+IGNORE = -100  # target of a padded id in a partly padded masked patch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ class MAEModel(nn.Module):
             self.token_embed[m] = nn.Embedding(c, e)
             flat = lay.patch_ids * e
             self.patch_proj[m] = nn.Linear(flat, w) if flat != w else nn.Identity()
-            self.head[m] = nn.Linear(w, lay.patch_ids * c)
+            self.head[m] = _Head(w, lay.patch_ids, c, cfg.head_dim)
         self.enc_pos = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, lay.n_patches, w))
                                          for m, lay in self.layouts.items()})
         self.dec_pos = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, lay.n_patches, w))
@@ -478,6 +479,8 @@ class MAEModel(nn.Module):
         for key in ("mask_ratio_audio", "mask_ratio_visual"):
             if not 0.0 <= getattr(cfg, key) <= 1.0:
                 raise ValueError(f"mae.{key}={getattr(cfg, key)} must lie in [0, 1]")
+        if cfg.head_dim < 0:
+            raise ValueError(f"mae.head_dim={cfg.head_dim} must be 0 (linear head) or positive")
         if cfg.fusion not in ("joint", "cross"):
             raise ValueError(f"mae.fusion={cfg.fusion!r}: expected 'joint' or 'cross'")
 
@@ -606,7 +609,7 @@ class MAEModel(nn.Module):
 
     def logits(self, m: str, h: torch.Tensor) -> torch.Tensor:
         """Decoder features `[..., width]` → logits `[..., patch_ids, codebook_size]`."""
-        return self.head[m](h).unflatten(-1, (self.layouts[m].patch_ids, -1))
+        return self.head[m](h)
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
                 mask: Mapping[str, torch.Tensor] | None = None,
@@ -645,12 +648,15 @@ class MAEModel(nn.Module):
             tokens = inp.token_valid[m][mask]  # [M, P]
             if not tokens.any():
                 continue
-            logits = self.logits(m, dec[m][mask])[tokens].float()  # [n_tokens, C]
-            target = inp.ids[m][mask][tokens]  # [n_tokens]
-            ce = F.cross_entropy(logits, target)
+            # Padded ids of partly padded patches are ignored rather than indexed away: boolean
+            # indexing would copy the (large) logits forward and scatter them back in backward.
+            target = inp.ids[m][mask].masked_fill(~tokens, IGNORE)  # [M, P]
+            logits = self.logits(m, dec[m][mask]).flatten(0, 1)  # [M·P, C]
+            ce = F.cross_entropy(logits, target.flatten(), ignore_index=IGNORE)
             loss = loss + ce
             metrics[f"loss/{m}_ce"] = ce.detach()
-            metrics[f"acc/{m}"] = (logits.argmax(-1) == target).float().mean().detach()
+            hits = (logits.detach().argmax(-1) == target.flatten()) & tokens.flatten()
+            metrics[f"acc/{m}"] = (hits.sum() / tokens.sum()).float()
         return loss, metrics
 
     def _contrastive(self, enc: dict[str, torch.Tensor], masking: Masking) -> torch.Tensor:
@@ -668,6 +674,29 @@ class MAEModel(nn.Module):
         logits = a @ v.t() / CONTRASTIVE_TEMPERATURE  # [B', B']
         target = torch.arange(len(a), device=a.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class _Head(nn.Module):
+    """Decoder feature `[..., width]` → logits `[..., n_ids, codebook_size]`.
+
+    `head_dim` 0: one linear layer to n_ids × codebook_size (DESIGN.md §2; 16.4 M parameters at
+    the paper sizes, more than the transformer). `head_dim` d > 0: width → n_ids × d, GELU, then one
+    d → codebook_size layer shared by every id of the patch (12× fewer head FLOPs at d = 16).
+    """
+
+    def __init__(self, width: int, n_ids: int, codebook_size: int, head_dim: int):
+        super().__init__()
+        self.n_ids = n_ids
+        if head_dim:
+            self.proj = nn.Linear(width, n_ids * head_dim)
+            self.classify = nn.Linear(head_dim, codebook_size)
+        else:
+            self.proj = nn.Linear(width, n_ids * codebook_size)
+            self.classify = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.proj(h).unflatten(-1, (self.n_ids, -1))  # [..., n_ids, d or C]
+        return x if self.classify is None else self.classify(F.gelu(x))
 
 
 def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor
@@ -729,7 +758,10 @@ def flops_per_window(cfg: MAEConfig, dims: MAEDims, mask_ratio: float = 0.5) -> 
         flat = lay.patch_ids * e
         if flat != w:
             fwd += 2 * lay.n_patches * flat * w
-        fwd += 2 * mask_ratio * lay.n_patches * w * lay.patch_ids * dims.get(m).codebook_size
+        d = cfg.head_dim
+        head_macs = lay.patch_ids * (d * (w + dims.get(m).codebook_size) if d
+                                     else w * dims.get(m).codebook_size)
+        fwd += 2 * mask_ratio * lay.n_patches * head_macs
     for depth, length in ((cfg.encoder_depth, n_enc), (cfg.decoder_depth, n_total)):
         fwd += depth * (2 * length * block_macs + 4 * length * length * w)
     if cfg.fusion == "cross" and len(names) == 2:
