@@ -125,7 +125,8 @@ def _check_order(masking):
 def test_fixed_masking_exact_counts_and_restore():
     _, inp, mk = _masking("fixed", mask_ratio_audio=0.75, mask_ratio_visual=0.3)
     n_valid = {m: (~p).sum(1) for m, p in inp.padding.items()}
-    assert n_valid["visual"][:3].tolist() == [40, 24, 20] and n_valid["audio"][:3].tolist() == [20, 12, 10]
+    assert n_valid["visual"][:3].tolist() == [40, 24, 20]
+    assert n_valid["audio"][:3].tolist() == [20, 12, 10]
     assert torch.equal(mk.mask["audio"].sum(1), torch.round(0.75 * n_valid["audio"]).long())
     assert torch.equal(mk.mask["visual"].sum(1), torch.round(0.3 * n_valid["visual"]).long())
     _check_order(mk)
@@ -235,7 +236,8 @@ def test_masked_codes_do_not_leak_into_predictions():
     assert torch.equal(again.logits["visual"], out.logits["visual"])
     assert torch.equal(again.logits["audio"], out.logits["audio"])
     assert again.loss != out.loss
-    assert out.logits["visual"].shape == (4, 40, 80, 32) and out.logits["audio"].shape == (4, 20, 40, 16)
+    assert out.logits["visual"].shape == (4, 40, 80, 32)
+    assert out.logits["audio"].shape == (4, 20, 40, 16)
 
 
 def test_padding_is_inert():
@@ -412,7 +414,8 @@ def test_bad_batches_name_the_key_and_reason():
         m({**batch, "audio": batch["audio"].float()}, gen(0))
     bad = batch["audio"].clone()
     bad[0, 0, 0] = 16
-    with pytest.raises(ValueError, match=r"batch\['audio'\]: ids in \[0, 16\] outside the codebook \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"batch\['audio'\]: ids in \[0, 16\] outside "
+                                         r"the codebook \[0, 16\)"):
         m({**batch, "audio": bad}, gen(0))
     with pytest.raises(ValueError, match=r"batch\['visual_valid'\]: shape \(4, 10\)"):
         m({**batch, "visual_valid": torch.ones(4, 10, dtype=torch.bool)}, gen(0))
@@ -437,7 +440,8 @@ def test_paper_size_and_flops():
     # more masking: a shorter encoder sequence but more patches through the heads
     enc_saved = 6 * 6 * (blocks / 9) * 130 + 3 * 6 * 4 * (260**2 - 130**2) * 320
     heads_added = 6 * (320 * 40960 * 90 + 320 * 10240 * 40)
-    assert flops_per_window(cfg, m.dims, 0.75) - flops == pytest.approx(heads_added - enc_saved, rel=0.01)
+    delta = flops_per_window(cfg, m.dims, 0.75) - flops
+    assert delta == pytest.approx(heads_added - enc_saved, rel=0.01)
     assert flops_per_window(replace(cfg, fusion="cross"), m.dims) != flops
 
 
@@ -445,9 +449,11 @@ def test_factorised_head():
     cfg = load_config("paper", ["mae.head_dim=16"]).mae
     m = MAEModel(cfg, SPECS)
     heads = sum(p.numel() for p in m.head.parameters())
-    assert heads == (320 * 80 * 16 + 80 * 16 + 16 * 512 + 512) + (320 * 40 * 16 + 40 * 16 + 16 * 256 + 256)
+    assert heads == (320 * 80 * 16 + 80 * 16 + 16 * 512 + 512
+                     + 320 * 40 * 16 + 40 * 16 + 16 * 256 + 256)
     assert 8.3e6 < m.num_params() < 8.5e6
-    assert 20e9 < flops_per_window(cfg, m.dims) < 22e9 < flops_per_window(load_config("paper").mae, m.dims)
+    flops = flops_per_window(cfg, m.dims)
+    assert 20e9 < flops < 22e9 < flops_per_window(load_config("paper").mae, m.dims)
     small = model(head_dim=8)
     out = small(make_batch(), gen(0), return_logits=True)
     assert out.logits["visual"].shape == (4, 40, 80, 32) and torch.isfinite(out.loss)

@@ -7,8 +7,8 @@ A batch is a dict of windows of discrete codes read from the token store:
 - ``batch["audio"]``: int ``[B, Ta, 64]``, ids < 256; ``batch["audio_valid"]``: bool ``[B, Ta]``
 
 (``*_valid`` may be left out: every frame valid.) Codes are cut into patches — visual tubes of
-4×4 tokens × 5 frames, audio patches of 4 frequency tokens × 10 frames, both time-major — each id is
-embedded, the patch flattened and projected to ``width``. Patch time index ``t`` covers the same
+4×4 tokens × 5 frames, audio patches of 4 frequency tokens × 10 frames, both time-major; each id
+is embedded, the patch flattened and projected to ``width``. Patch time index ``t`` covers the same
 0.2 s in both modalities (5 video frames = 10 audio frames).
 
 Masking follows facebookresearch/mae's ``random_masking``: noise is sorted into ``ids_shuffle``
@@ -367,7 +367,7 @@ class CrossEncoder(nn.Module):
     exchange information through a `CrossBlock` (audio queries attend to visible visual patches
     and visual queries to visible audio patches, both from the self-attention outputs, updated
     simultaneously). Each modality keeps its own sequence of visible patches; with one modality
-    the cross blocks are skipped.
+    the cross blocks are skipped. The decoder is the same joint one for both fusions.
     """
 
     def __init__(self, names: tuple[str, ...], cfg: MAEConfig):
@@ -380,7 +380,8 @@ class CrossEncoder(nn.Module):
             [CrossBlock(w, cfg.heads, cfg.dropout) for _ in range(cfg.encoder_depth)])
             for m in names}) if len(names) == 2 else nn.ModuleDict()
 
-    def forward(self, seq: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, seq: dict[str, torch.Tensor],
+                valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """seq `[B, K_m, D]` and key validity `[B, K_m]` per modality → `[B, K_m, D]`."""
         names = list(seq)
         for layer in range(len(self.self_blocks[names[0]])):
@@ -450,8 +451,10 @@ class MAEModel(nn.Module):
                                          for m, lay in self.layouts.items()})
         self.dec_pos = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, lay.n_patches, w))
                                          for m, lay in self.layouts.items()})
-        self.enc_modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, w)) for m in self.names})
-        self.dec_modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, w)) for m in self.names})
+        self.enc_modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, w))
+                                              for m in self.names})
+        self.dec_modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, w))
+                                              for m in self.names})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
         if cfg.fusion == "joint":
             self.encoder = nn.ModuleList([Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout)
@@ -507,7 +510,8 @@ class MAEModel(nn.Module):
             raise ValueError(f"batch sizes differ between modalities: {sizes}")
         return MAEInputs(ids, token_valid, padding)
 
-    def _check_batch(self, batch: Mapping[str, torch.Tensor], m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_batch(self, batch: Mapping[str, torch.Tensor],
+                     m: str) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims.get(m)
         if m not in batch:
             raise ValueError(f"batch has no {m!r} codes; this model (modalities="
@@ -614,8 +618,8 @@ class MAEModel(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
                 mask: Mapping[str, torch.Tensor] | None = None,
                 return_logits: bool = False) -> MAEOutput:
-        """Mask (drawn from `generator` on the model's device, or the given `mask`), encode the
-        visible patches, decode, score the masked ones.
+        """Mask (drawn from `generator`, which must live on the model's device, or the given
+        `mask`: `[B, N]` bool per modality), encode the visible patches, decode, score the masked.
 
         The heads run on masked patches only unless `return_logits`: the full visual logits are
         14.7 M numbers per window, and the heads over every patch would cost more than the
