@@ -824,11 +824,11 @@ def _run_jobs(cfg: SynthConfig, specs: list[ClipSpec], out: Path, workers: int |
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux: spawn would re-run the caller's __main__ imports (torch and all, seconds per
-    worker, via the CLI) and needs an `if __name__ == '__main__'` guard. Workers run only numpy /
-    OpenCV / PyAV code, which takes no lock a parent thread could hold at fork. Elsewhere spawn
-    (macOS system libraries are not fork-safe)."""
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    """spawn everywhere. fork was faster to start but deadlocked when the parent had already run
+    threaded code (torch's OpenMP pool, OpenCV's parallel_for, zarr's event loop): a child inherits
+    their locks held and hangs in cv2/numpy calls (seen in the test suite). Spawned workers re-import
+    the caller's __main__ (a couple of seconds via the CLI), hence the `__main__` guard."""
+    return multiprocessing.get_context("spawn")
 
 
 def manifest_bytes(records: list[ClipRecord]) -> bytes:
