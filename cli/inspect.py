@@ -140,7 +140,8 @@ def _print_checkpoint(path: Path) -> None:
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
-        err_console.print(f"[red]error:[/red] {e}")
+        err_console.print(f"[red]error:[/red] {path}: not a vqmae token store (a directory) nor a "
+                          f"readable checkpoint: {str(e).removeprefix(str(path) + ': ')}")
         raise typer.Exit(2) from None
     n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if "quantizer" not in k)
     table = Table(title=str(path), show_header=False)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from vqmae.framepool import FramePool
 from vqmae.ingest import ClipData, Failure, ingest
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
 from vqmae.tokenizers import build_tokenizer
+from vqmae.training import Reporter, autocast_context, lr_at
 from vqmae.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,6 @@ CKPT_NAMES = {m: f"{k}.pt" for m, k in KINDS.items()}
 
 class TokenizeError(RuntimeError):
     """Stage-1 problem that stops the run (mismatched tokenizers, nothing to train on, ...)."""
-
-
-# -- progress: the library reports, the CLI draws ------------------------------------------------
-
-class Reporter:
-    """Progress callbacks; the default does nothing (library code never prints)."""
-
-    def start(self, name: str, total: int | None) -> None: ...
-    def advance(self, name: str, n: int = 1, **fields: Any) -> None: ...
-    def finish(self, name: str) -> None: ...
 
 
 def clip_record(clip: ClipInfo, index: int, data: ClipData | None = None) -> dict[str, Any]:
@@ -147,21 +137,6 @@ def _batch(modality: str, pool: FramePool, n: int, gen: torch.Generator, device)
 
 
 # -- training ---------------------------------------------------------------------------------
-
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 0, evaluated per iteration."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def autocast_context(device: str):
-    """bf16 autocast on CUDA, plain fp32 elsewhere (chosen once per loop)."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
 
 def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, device: str,
               reporter: Reporter = Reporter(), log_every: int = 10, ckpt_every: int = 500,

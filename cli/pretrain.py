@@ -1,0 +1,46 @@
+"""`vqmae pretrain STORE`: stage 2 from the command line (also under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
+from vqmae.checkpoint import CheckpointError
+from vqmae.pretrain import PretrainError, pretrain as run_pretrain
+from vqmae.store import StoreError
+from vqmae.utils import resolve_device
+
+
+def pretrain(
+    store: Annotated[Path, typer.Argument(help="Token store written by `vqmae tokenize`.")],
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/pretrain-<store name>); rerun to resume.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ... (under torchrun: one GPU per process).")] = "auto",
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop at this step (the schedule still spans pretrain.steps).")] = None,
+    preset: PresetOpt = "paper",
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Masked-token pretraining of the audiovisual transformer on a token store."""
+    setup_logging(verbose)
+    cfg = make_config(preset, set_)
+    run = run_dir or Path("runs") / f"pretrain-{store.name.removesuffix('.zarr')}"
+    try:
+        with RichReporter(console) as reporter:
+            result = run_pretrain(store, cfg, run, device=resolve_device(device), reporter=reporter,
+                                  max_steps=max_steps)
+    except (StoreError, PretrainError, CheckpointError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"pretraining at step {result.step} (validation clips)")
+    for col in ("modality", "masked-token accuracy", "unigram baseline"):
+        table.add_column(col, justify="right")
+    for m in ("audio", "visual"):
+        if f"val/acc_{m}" in result.val:
+            table.add_row(m, f"{result.val[f'val/acc_{m}']:.3f}", f"{result.unigram.get(f'unigram/{m}', float('nan')):.3f}")
+    console.print(table)
+    console.print(f"validation loss {result.val.get('val/loss_total', float('nan')):.4f}, "
+                  f"{result.windows_per_s:.1f} windows/s; checkpoint [bold]{result.checkpoint}[/bold]")
