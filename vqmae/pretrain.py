@@ -101,6 +101,7 @@ class PretrainResult:
     val: dict[str, float]
     unigram: dict[str, float]
     windows_per_s: float
+    model: MAEModel
 
 
 @torch.no_grad()
@@ -203,7 +204,9 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     wps = n_windows / max(time.perf_counter() - t_start, 1e-9)
     if info.main:
         _write_summary(run, step, val, unigram, wps)
-    return PretrainResult(path, step, val, unigram, wps)
+    if info.enabled:
+        torch.distributed.barrier()  # no rank returns before rank 0 has written the checkpoint
+    return PretrainResult(path, step, val, unigram, wps, model)
 
 
 def _resume(path: Path, cfg: Config, model: MAEModel, opt: torch.optim.Optimizer,
