@@ -161,3 +161,31 @@ def test_inspect_checkpoint_and_store(trained):
     bad.write_bytes(b"not a checkpoint")
     res = CliRunner().invoke(app, ["inspect", str(bad)])
     assert res.exit_code == 2 and "bad.pt" in res.output
+
+
+@pytest.mark.parametrize("modality", ["audio", "visual"])
+def test_tokenizer_training_resumes_exactly(tmp_path, modality):
+    import torch
+
+    from vqmae.config import load_config
+    from vqmae.framepool import FramePool
+    from vqmae.tokenize import train_one
+
+    cfg = load_config("tiny", ["audio_vq.steps=8", "visual_vq.steps=8", "audio_vq.batch_frames=32",
+                               "visual_vq.batch_frames=4", "audio_vq.warmup_steps=2",
+                               "visual_vq.warmup_steps=2"])
+    rng = np.random.default_rng(0)
+    if modality == "audio":
+        pool = FramePool(500, (513,), np.float32)
+        pool.add((rng.random((500, 513)) * np.logspace(1, -3, 513)).astype(np.float32))
+    else:
+        pool = FramePool(40, (96, 96, 3), np.uint8)
+        pool.add(rng.integers(0, 255, (40, 96, 96, 3), dtype=np.uint8))
+    (tmp_path / "full").mkdir(); (tmp_path / "part").mkdir()
+    full = train_one(modality, pool, cfg, tmp_path / "full", device="cpu", log_every=2)
+    train_one(modality, pool, cfg, tmp_path / "part", device="cpu", log_every=2, max_steps=3)
+    part = train_one(modality, pool, cfg, tmp_path / "part", device="cpu", log_every=2)
+    a = torch.load(full, weights_only=True)
+    b = torch.load(part, weights_only=True)
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

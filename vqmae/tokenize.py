@@ -140,8 +140,10 @@ def _batch(modality: str, pool: FramePool, n: int, gen: torch.Generator, device)
 
 def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, device: str,
               reporter: Reporter = Reporter(), log_every: int = 10, ckpt_every: int = 500,
-              metrics_file: Path | None = None) -> Path:
-    """Train (or resume) one tokenizer on its pool; returns the checkpoint path."""
+              metrics_file: Path | None = None, max_steps: int | None = None) -> Path:
+    """Train (or resume) one tokenizer on its pool; returns the checkpoint path.
+
+    `max_steps` stops early (checkpointing there; the schedule still spans the configured steps)."""
     kind = KINDS[modality]
     tcfg = cfg.audio_vq if modality == "audio" else cfg.visual_vq
     path = out_dir / CKPT_NAMES[modality]
@@ -175,7 +177,8 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
     reporter.advance(f"train {modality}", step)
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
-    while step < tcfg.steps:
+    stop = min(tcfg.steps, max_steps if max_steps is not None else tcfg.steps)
+    while step < stop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps)
         x = _batch(modality, pool, tcfg.batch_frames, gen, device)
@@ -190,7 +193,7 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
         opt.step()
         step += 1
         window.append({k: float(v) for k, v in out.metrics.items()} | {"loss/total": loss.item()})
-        if step % log_every == 0 or step == tcfg.steps:
+        if step % log_every == 0 or step == stop:
             row = {"step": step, "model": kind, "lr": opt.param_groups[0]["lr"],
                    **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
             window, last = [], row
@@ -199,7 +202,7 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
                     f.write(json.dumps(row) + "\n")
             reporter.advance(f"train {modality}", log_every if step % log_every == 0 else step % log_every,
                              loss=row["loss/total"], perplexity=row.get("vq/perplexity", 0.0))
-        if step % ckpt_every == 0 or step == tcfg.steps:
+        if step % ckpt_every == 0 or step == stop:
             save_checkpoint(path, kind=kind, model=model, config=cfg.to_dict(), step=step,
                             optimizer=opt, extra={"generator": gen.get_state()},
                             metrics={k: v for k, v in last.items() if k != "model"})
