@@ -65,6 +65,8 @@ def tokenize(
                 tokenizers = run / "tokenizers"
                 _print_eval(trained.evaluation, tokenizers)
             if train_only:
+                _write_failures(run / "failures.csv", failures)
+                _print_failures(failures, run)
                 return
             models = load_tokenizers(tokenizers, mods, dev)
             result = encode_corpus(clips, cfg, out, models, shard=shard_, device=dev, workers=workers,
@@ -72,7 +74,10 @@ def tokenize(
     except (DatasetError, TokenizeError, StoreError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    failed = store_failures(out) if result.merged else result.failed
+    failed = store_failures(out) if result.merged else list(result.failed)
+    known = {f.path for f in failed}
+    failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
+    failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
     _write_failures(run / "failures.csv", failed)
     _print_summary(out, result, failed, run, time.perf_counter() - t0)
 
@@ -108,11 +113,16 @@ def _print_summary(out: Path, result, failed: list[Failure], run: Path, seconds:
                                           f"(codebook {spec.codebook_size}, grid {list(spec.grid)})")
     table.add_row("time", f"{seconds:.1f} s")
     console.print(table)
-    if failed:
-        ft = Table(title=f"failed files ({len(failed)}), also in {run / 'failures.csv'}")
-        for col in ("file", "stage", "reason"):
-            ft.add_column(col, overflow="fold")
-        for f in failed[:50]:
-            ft.add_row(f.path, f.stage, f.reason)
-        console.print(ft)
+    _print_failures(failed, run)
     console.print(f"run directory: [bold]{run}[/bold]")
+
+
+def _print_failures(failed: list[Failure], run: Path) -> None:
+    if not failed:
+        return
+    ft = Table(title=f"failed files ({len(failed)}), also in {run / 'failures.csv'}")
+    for col in ("file", "stage", "reason"):
+        ft.add_column(col, overflow="fold")
+    for f in failed[:50]:
+        ft.add_row(f.path, f.stage, f.reason)
+    console.print(ft)

@@ -45,3 +45,12 @@ def test_timeout_kills_hung_worker():
     assert time.monotonic() - t0 < 30
     assert out[0].error == "timed out after 1 s" and out[0].crashed
     assert out[1].value == 4 and out[2].value == 9
+
+
+def test_slow_consumer_never_turns_a_finished_item_into_a_timeout():
+    got = {}
+    for o in isolated_map(time.sleep, [0.3, 1.0], workers=2, timeout=2.0, context="fork"):
+        got[o.index] = o
+        if o.index == 0:
+            time.sleep(3)  # the other item finishes meanwhile, well inside its timeout
+    assert got[0].ok and got[1].ok, got[1].error

@@ -112,3 +112,13 @@ def test_two_process_gloo_ddp_runs_in_step(tmp_path):
     tmp.spawn(_ddp_worker, args=(2, str(store), str(tmp_path / "ddp"), port), nprocs=2)
     rows = [r for r in metrics(tmp_path / "ddp") if "loss/total" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss/total"]) for r in rows)
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    cfg = load_config("tiny", OVERRIDES + ["pretrain.steps=3"])
+    first = pretrain(store, cfg, tmp_path / "run")
+    again = pretrain(store, cfg, tmp_path / "run")
+    assert again.step == 3 and again.val == first.val
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val"]["val/loss_total"] == first.val["val/loss_total"]

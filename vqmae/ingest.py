@@ -201,7 +201,8 @@ def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = M
 
     Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
     """
-    tasks = [_Task(c, cfg.to_dict(), tuple(modalities), keep_arrays) for c in clips]
+    config = cfg.to_dict()  # one shared dict, not one copy per clip
+    tasks = [_Task(c, config, tuple(modalities), keep_arrays) for c in clips]
     for o in isolated_map(_run_task, tasks, workers=workers, timeout=timeout):
         if o.ok:
             yield o.item.clip, o.value, None

@@ -153,7 +153,9 @@ def _time_left(busy: list[_Slot], timeout: float | None) -> float | None:
 def _collect(slot: _Slot, ready: list, timeout: float | None) -> Outcome | None:
     """The slot's finished outcome, or None while it is still working."""
     index, item = slot.task
-    if slot.conn in ready:
+    # poll() rather than `in ready`: `ready` may be stale after the caller spent time on an
+    # earlier outcome, and a finished result must never be mistaken for a timeout.
+    if slot.conn.poll():
         try:
             got, ok, value, exc = slot.conn.recv()
         except (EOFError, OSError):

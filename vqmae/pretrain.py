@@ -163,7 +163,8 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     reporter.start("pretrain", pcfg.steps)
     reporter.advance("pretrain", step)
     window: list[dict[str, float]] = []
-    val: dict[str, float] = {}
+    # a finished run that is started again evaluates instead of overwriting its summary with nothing
+    val: dict[str, float] = evaluate(model, data, cfg, device, info) if step >= stop else {}
     t_start, n_windows = time.perf_counter(), 0
     net.train()
     while step < stop:
@@ -173,8 +174,12 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
         with ctx:
             out = net(batch_dict(batch, device), mask_generator(cfg.seed, step, info.rank, device))
         loss = out.loss.float()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {step}")
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if info.enabled:  # every rank stops together: one raising alone would hang the others
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            raise FloatingPointError(f"pretrain: non-finite loss ({loss.item()} on rank {info.rank}) "
+                                     f"at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg.grad_clip)

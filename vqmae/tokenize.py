@@ -305,11 +305,14 @@ def train_tokenizers(clips: Sequence[ClipInfo], cfg: Config, run_dir: Path, *,
                             capacity={"audio": 20000, "visual": 4000}, reporter=reporter,
                             name="decode held-out clips") if held else None
     for m in modalities:
+        if getattr(pools, m).filled == 0:
+            first = pools.failures[0] if pools.failures else None
+            raise TokenizeError(
+                f"no {m} frames to train on: all {len(train)} training clips failed or have no {m} "
+                f"stream (first failure: {f'{first.path}: {first.stage}: {first.reason}' if first else 'none'})"
+                + ("; use --modalities audio for an audio-only corpus" if m == "visual" else ""))
+    for m in modalities:
         pool = getattr(pools, m)
-        if pool.filled == 0:
-            raise TokenizeError(f"no {m} frames to train on: all {len(train)} training clips failed "
-                                f"or have no {m} stream (first failure: "
-                                f"{pools.failures[0].path if pools.failures else 'none'})")
         log.info("%s pool: %d frames from %d clips (%d offered)", m, pool.filled, pool.n_clips, pool.seen)
         ckpts[m] = train_one(m, pool, cfg, out, device=device, reporter=reporter,
                              metrics_file=run_dir / "metrics.jsonl")
@@ -408,7 +411,9 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path, tokenizer
         for clip, data, failure in ordered(ingest(todo, cfg, modalities, workers=workers), todo):
             if failure is not None:
                 failures.append(failure)
-                writer.add_failure(clip_record(clip, index[clip.clip_id]), failure.stage, failure.reason)
+                if failure.stage != "decode":  # a crash or timeout may be transient: retry on rerun
+                    writer.add_failure(clip_record(clip, index[clip.clip_id]), failure.stage,
+                                       failure.reason)
             else:
                 codes = {}
                 if data.spec is not None:
