@@ -30,32 +30,41 @@ def _save(plt, fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def spectrogram_pair(original: np.ndarray, recon: np.ndarray, path: str | Path, title: str = "") -> Path:
-    """Log-power spectrograms [T, F] of an input and its reconstruction, one above the other."""
-    plt, fig, axes = _figure(2, 1, figsize=(8, 5), sharex=True)
-    lo = np.log10(original + 1e-8)
+def spectrogram_rows(specs: list[np.ndarray], names: list[str], path: str | Path, title: str = "") -> Path:
+    """Log-power spectrograms [T, F], one row each, on the colour scale of the first."""
+    plt, fig, axes = _figure(len(specs), 1, figsize=(8, 2.5 * len(specs)), sharex=True, squeeze=False)
+    lo = np.log10(specs[0] + 1e-8)
     vmin, vmax = np.percentile(lo, 1), lo.max()
-    for ax, spec, name in zip(axes, (original, recon), ("input", "reconstruction")):
+    for ax, spec, name in zip(axes[:, 0], specs, names):
         ax.imshow(np.log10(spec.T + 1e-8), origin="lower", aspect="auto", vmin=vmin, vmax=vmax,
                   cmap="magma")
         ax.set_ylabel(f"{name}\nfrequency bin")
-    axes[-1].set_xlabel("frame (20 ms)")
+    axes[-1, 0].set_xlabel("frame (20 ms)")
+    fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def spectrogram_pair(original: np.ndarray, recon: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """An input spectrogram [T, F] above its reconstruction."""
+    return spectrogram_rows([original, recon], ["input", "reconstruction"], path, title)
+
+
+def image_rows(rows: list[np.ndarray], names: list[str], path: str | Path, title: str = "") -> Path:
+    """Rows of RGB images uint8 [N, S, S, 3], each row labelled."""
+    n = len(rows[0])
+    plt, fig, axes = _figure(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    for r, (images, name) in enumerate(zip(rows, names)):
+        for k in range(n):
+            axes[r, k].imshow(images[k])
+            axes[r, k].axis("off")
+        axes[r, 0].set_title(name, fontsize=8, loc="left")
     fig.suptitle(title)
     return _save(plt, fig, path)
 
 
 def face_grid(original: np.ndarray, recon: np.ndarray, path: str | Path, title: str = "") -> Path:
     """Face crops uint8 [N, S, S, 3]: inputs on the top row, reconstructions below."""
-    n = len(original)
-    plt, fig, axes = _figure(2, n, figsize=(1.3 * n, 2.8), squeeze=False)
-    for k in range(n):
-        for row, img in enumerate((original[k], recon[k])):
-            axes[row, k].imshow(img)
-            axes[row, k].axis("off")
-    axes[0, 0].set_title("input", fontsize=8, loc="left")
-    axes[1, 0].set_title("reconstruction", fontsize=8, loc="left")
-    fig.suptitle(title)
-    return _save(plt, fig, path)
+    return image_rows([original, recon], ["input", "reconstruction"], path, title)
 
 
 def codebook_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Path:

@@ -291,6 +291,10 @@ def train_tokenizers(clips: Sequence[ClipInfo], cfg: Config, run_dir: Path, *,
     them on held-out clips, and write checkpoints, `metrics.jsonl`, `eval.json` and PNGs."""
     out = run_dir / "tokenizers"
     out.mkdir(parents=True, exist_ok=True)
+    done = _finished(out, modalities, cfg)
+    if done is not None:  # a rerun after training finished (e.g. resuming the encoding): no decoding
+        log.info("%s: tokenizers already trained; reusing them", out)
+        return done
     train, held = split_heldout(clips, heldout_fraction, cfg.seed)
     limit = {m: (cfg.audio_vq if m == "audio" else cfg.visual_vq).max_train_clips for m in modalities}
     n_train = max(limit.values()) if all(limit.values()) else len(train)
@@ -324,6 +328,27 @@ def train_tokenizers(clips: Sequence[ClipInfo], cfg: Config, run_dir: Path, *,
     return TrainResult(ckpts, report, pools.failures + (held_pools.failures if held_pools else []), plots)
 
 
+def _finished(out: Path, modalities: Sequence[str], cfg: Config) -> TrainResult | None:
+    """The earlier result when every tokenizer finished its steps with this config and was evaluated."""
+    report = out / "eval.json"
+    if not report.exists():
+        return None
+    ckpts = {}
+    for m in modalities:
+        path = out / CKPT_NAMES[m]
+        steps = (cfg.audio_vq if m == "audio" else cfg.visual_vq).steps
+        if not path.exists():
+            return None
+        ckpt = load_checkpoint(path, kind=KINDS[m])
+        if ckpt["step"] < steps or Config.from_dict(ckpt["config"]) != cfg:
+            return None
+        ckpts[m] = path
+    evaluation = json.loads(report.read_text())
+    if set(evaluation) != set(modalities):
+        return None
+    return TrainResult(ckpts, evaluation, [], sorted(out.glob("*.png")))
+
+
 def _evaluate_and_plot(model, m: str, pool: FramePool, held_pools: Pools | None, out: Path,
                        device: str) -> tuple[dict, list[Path]]:
     from vqmae import plots
@@ -343,8 +368,16 @@ def _evaluate_and_plot(model, m: str, pool: FramePool, held_pools: Pools | None,
     return ev, figs
 
 
-def load_tokenizers(directory: Path, modalities: Sequence[str], device: str) -> dict[str, tuple]:
-    """{modality: (model, checkpoint dict, sha256)} from `directory/{audio,visual}_vqvae.pt`."""
+@dataclass
+class LoadedTokenizer:
+    model: torch.nn.Module
+    ckpt: dict[str, Any]
+    sha256: str
+    path: Path
+
+
+def load_tokenizers(directory: Path, modalities: Sequence[str], device: str) -> dict[str, LoadedTokenizer]:
+    """{modality: LoadedTokenizer} from `directory/{audio,visual}_vqvae.pt`."""
     found = {}
     for m in modalities:
         path = Path(directory) / CKPT_NAMES[m]
@@ -352,16 +385,16 @@ def load_tokenizers(directory: Path, modalities: Sequence[str], device: str) -> 
             raise TokenizeError(f"{directory}: no {CKPT_NAMES[m]} (needed for modality {m!r})")
         model, ckpt = load_tokenizer(path, device)
         model.eval()
-        found[m] = (model, ckpt, checkpoint_sha256(path))
+        found[m] = LoadedTokenizer(model, ckpt, checkpoint_sha256(path), path.resolve())
     return found
 
 
-def feature_config(cfg: Config, tokenizers: dict[str, tuple]) -> Config:
+def feature_config(cfg: Config, tokenizers: dict[str, LoadedTokenizer]) -> Config:
     """The config to decode with: the tokenizers' own feature settings (audio STFT, frame rate,
     face size) override today's, since codes are only meaningful for the features they were
     trained on. Differences are logged; face detection settings stay the user's."""
-    for m, (_, ckpt, _) in tokenizers.items():
-        stored = Config.from_dict(ckpt["config"])
+    for m, tok in tokenizers.items():
+        stored = Config.from_dict(tok.ckpt["config"])
         if m == "audio" and stored.audio != cfg.audio:
             log.warning("using the audio tokenizer's audio features %s (command line had %s)",
                         stored.audio, cfg.audio)
@@ -375,10 +408,10 @@ def feature_config(cfg: Config, tokenizers: dict[str, tuple]) -> Config:
     return cfg
 
 
-def store_specs(tokenizers: dict[str, tuple]) -> dict[str, ModalitySpec]:
-    return {m: ModalitySpec(name=m, codebook_size=model.codebook_size, grid=tuple(model.grid),
-                            frame_rate=float(model.frame_rate), tokenizer_sha256=sha)
-            for m, (model, _, sha) in tokenizers.items()}
+def store_specs(tokenizers: dict[str, LoadedTokenizer]) -> dict[str, ModalitySpec]:
+    return {m: ModalitySpec(name=m, codebook_size=t.model.codebook_size, grid=tuple(t.model.grid),
+                            frame_rate=float(t.model.frame_rate), tokenizer_sha256=t.sha256)
+            for m, t in tokenizers.items()}
 
 
 @dataclass
@@ -389,7 +422,8 @@ class EncodeResult:
     merged: bool
 
 
-def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path, tokenizers: dict[str, tuple], *,
+def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
+                  tokenizers: dict[str, LoadedTokenizer], *,
                   shard: tuple[int, int] = (0, 1), device: str = "cpu", workers: int = 1,
                   reporter: Reporter = Reporter(), on_clip: Callable[[], None] | None = None) -> EncodeResult:
     """Encode this shard's clips (index % n == i) into `store`; merge when running unsharded.
@@ -399,7 +433,10 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path, tokenizer
     """
     modalities = tuple(tokenizers)
     cfg = feature_config(cfg, tokenizers)
-    writer = StoreWriter(store, store_specs(tokenizers), shard=shard, cfg=cfg.store, config=cfg.to_dict())
+    # the store's config records where its tokenizers live (for reconstructions in later stages)
+    config = {"config": cfg.to_dict(),
+              "tokenizers": {m: {"path": str(t.path), "sha256": t.sha256} for m, t in tokenizers.items()}}
+    writer = StoreWriter(store, store_specs(tokenizers), shard=shard, cfg=cfg.store, config=config)
     index = {c.clip_id: i for i, c in enumerate(clips)}
     mine = [c for i, c in enumerate(clips) if i % shard[1] == shard[0]]
     todo = [c for c in mine if c.clip_id not in writer.done]
@@ -408,7 +445,9 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path, tokenizer
     reporter.advance("encode", len(mine) - len(todo))
     encoded = 0
     with writer:
-        for clip, data, failure in ordered(ingest(todo, cfg, modalities, workers=workers), todo):
+        # completion order: `merge` sorts by index, and holding early finishers back for a slow
+        # clip would keep their arrays in memory
+        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers):
             if failure is not None:
                 failures.append(failure)
                 if failure.stage != "decode":  # a crash or timeout may be transient: retry on rerun
@@ -417,9 +456,9 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path, tokenizer
             else:
                 codes = {}
                 if data.spec is not None:
-                    codes["audio"] = encode_frames(tokenizers["audio"][0], "audio", data.spec, device)
+                    codes["audio"] = encode_frames(tokenizers["audio"].model, "audio", data.spec, device)
                 if data.faces is not None and "visual" in tokenizers:
-                    codes["visual"] = encode_frames(tokenizers["visual"][0], "visual", data.faces, device)
+                    codes["visual"] = encode_frames(tokenizers["visual"].model, "visual", data.faces, device)
                 writer.add(clip_record(clip, index[clip.clip_id], data), codes)
                 encoded += 1
             reporter.advance("encode")
