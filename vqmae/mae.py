@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -617,13 +617,20 @@ class MAEModel(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
                 mask: Mapping[str, torch.Tensor] | None = None,
-                return_logits: bool = False) -> MAEOutput:
+                return_logits: bool = False,
+                ce_denominator: Mapping[str, torch.Tensor | float] | None = None,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MAEOutput:
         """Mask (drawn from `generator`, which must live on the model's device, or the given
         `mask`: `[B, N]` bool per modality), encode the visible patches, decode, score the masked.
 
         The heads run on masked patches only unless `return_logits`: the full visual logits are
         14.7 M numbers per window, and the heads over every patch would cost more than the
         transformer.
+
+        Data-parallel training over a global batch split into equal rank slices (see
+        `reconstruction_loss` and `contrastive_loss`): `ce_denominator[m]` divides the summed
+        per-token CE and the hit count of modality `m` instead of this batch's own masked-token
+        count, and `gather` maps this rank's rows `[b, ...]` to the global batch's `[B, ...]`.
         """
         inp = self.prepare(batch)
         if mask is None:
@@ -632,17 +639,26 @@ class MAEModel(nn.Module):
             masking = masking_from(mask, inp.padding)
         enc = self.encode_visible(self.embed(inp), masking)
         dec = self.decode(enc, masking)
-        loss, metrics = self.reconstruction_loss(inp, masking, dec)
+        loss, metrics = self.reconstruction_loss(inp, masking, dec, ce_denominator)
         if len(self.names) == 2:
-            contrastive = self._contrastive(enc, masking)
+            contrastive = self.contrastive_loss(enc, masking, gather)
             metrics["loss/contrastive"] = contrastive.detach()
             if self.cfg.contrastive_weight:
                 loss = loss + self.cfg.contrastive_weight * contrastive
         logits = {m: self.logits(m, dec[m]) for m in self.names} if return_logits else {}
         return MAEOutput(loss, logits, dict(masking.mask), metrics)
 
-    def reconstruction_loss(self, inp: MAEInputs, masking: Masking, dec: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruction_loss(self, inp: MAEInputs, masking: Masking, dec: dict[str, torch.Tensor],
+                            ce_denominator: Mapping[str, torch.Tensor | float] | None = None
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per modality: summed CE over the valid ids of masked patches / the denominator (by
+        default this batch's count of them: the mean), summed over modalities.
+
+        With `ce_denominator` (global masked-token count / world size under DDP), each rank's
+        CE and accuracy are its share of the global ones: their mean over ranks, and the mean of
+        the ranks' gradients, equal one process's on the global batch. Then every modality
+        always has its ce / acc keys (NaN where the denominator is 0), so ranks agree on keys.
+        """
         loss = dec[self.names[0]].new_zeros((), dtype=torch.float32)
         metrics = {}
         for m in self.names:
@@ -650,26 +666,47 @@ class MAEModel(nn.Module):
             n_valid = (~masking.padding[m]).sum().clamp(min=1)
             metrics[f"mask/{m}"] = (mask.sum() / n_valid).detach().float()
             tokens = inp.token_valid[m][mask]  # [M, P]
-            if not tokens.any():
-                continue
+            if ce_denominator is None:
+                if not tokens.any():
+                    continue
+                denom = tokens.sum().float()
+            else:
+                denom = torch.as_tensor(ce_denominator[m], dtype=torch.float32, device=loss.device)
             # Padded ids of partly padded patches are ignored rather than indexed away: boolean
             # indexing would copy the (large) logits forward and scatter them back in backward.
             target = inp.ids[m][mask].masked_fill(~tokens, IGNORE)  # [M, P]
             logits = self.logits(m, dec[m][mask]).flatten(0, 1)  # [M·P, C]
-            ce = F.cross_entropy(logits, target.flatten(), ignore_index=IGNORE)
+            total = F.cross_entropy(logits, target.flatten(), ignore_index=IGNORE,
+                                    reduction="sum")
+            ce = total / denom.clamp(min=1e-12)  # a zero count has a zero sum: adds nothing
             loss = loss + ce
-            metrics[f"loss/{m}_ce"] = ce.detach()
             hits = (logits.detach().argmax(-1) == target.flatten()) & tokens.flatten()
-            metrics[f"acc/{m}"] = (hits.sum() / tokens.sum()).float()
+            none = torch.full_like(denom, math.nan)
+            metrics[f"loss/{m}_ce"] = torch.where(denom > 0, ce.detach(), none)
+            metrics[f"acc/{m}"] = torch.where(denom > 0, hits.sum() / denom.clamp(min=1e-12), none)
         return loss, metrics
 
-    def _contrastive(self, enc: dict[str, torch.Tensor], masking: Masking) -> torch.Tensor:
+    def contrastive_loss(self, enc: dict[str, torch.Tensor], masking: Masking,
+                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> torch.Tensor:
         """Symmetric InfoNCE between mean-pooled visible audio and visual encoder outputs, over the
-        samples with both modalities visible (0 when fewer than two such samples)."""
+        samples with both modalities visible (0 when fewer than two such samples).
+
+        `gather`: this rank's rows `[b, ...]` → the global batch's `[B, ...]` with only this
+        rank's slice carrying gradient (`vqmae.pretrain.gather_rows`). The term is then the global
+        batch's, the same value on every rank, and its gradient is scaled by B / b = world size
+        so that DDP's averaging of the ranks' (partial) gradients gives one process's gradient.
+        """
         pooled, count = {}, {}
         for m in self.names:
             count[m] = masking.n_visible[m]
-            pooled[m] = enc[m].float().sum(1) / count[m].clamp(min=1).unsqueeze(-1)  # [B, D]
+            pooled[m] = enc[m].float().sum(1) / count[m].clamp(min=1).unsqueeze(-1)  # [b, D]
+        world = 1
+        if gather is not None:
+            b = count["audio"].shape[0]
+            pooled = {m: gather(p) for m, p in pooled.items()}  # [B, D]
+            count = {m: gather(c) for m, c in count.items()}  # [B]
+            world = count["audio"].shape[0] // max(b, 1)
         both = (count["audio"] > 0) & (count["visual"] > 0)  # [B]
         if int(both.sum()) < 2:
             return enc["audio"].new_zeros((), dtype=torch.float32)
@@ -677,7 +714,9 @@ class MAEModel(nn.Module):
         v = F.normalize(pooled["visual"][both], dim=-1)
         logits = a @ v.t() / CONTRASTIVE_TEMPERATURE  # [B', B']
         target = torch.arange(len(a), device=a.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        # value unchanged, gradient × world (see the docstring)
+        return loss if world == 1 else world * loss - (world - 1) * loss.detach()
 
 
 class _Head(nn.Module):
