@@ -71,6 +71,7 @@ def _decode(tokenizer, codes: torch.Tensor) -> torch.Tensor:
     return tokenizer.decode(codes.to(next(tokenizer.parameters()).device))
 
 
+@torch.no_grad()
 def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str, torch.nn.Module],
                 out_dir: str | Path, tag: str, sample: int = 0, n_frames: int = 8) -> list[Path]:
     """Write `<tag>_audio.png` / `<tag>_visual.png` for one window of the batch; returns the paths."""
@@ -88,7 +89,8 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
         mask = c["mask"][sample].cpu()  # [T, *grid] bool
         if m == "audio":
             # a masked token covers 513 / 64 bins: grey those bins out in the "masked" view
-            bins = torch.linspace(0, mask.shape[1] - 1e-6, views["original"].shape[1]).long()
+            n_bins = views["original"].shape[1]
+            bins = torch.arange(n_bins) * mask.shape[1] // n_bins  # token index of each bin
             hidden = mask[:, bins]  # [T, F]
             floor = float(views["original"].min())
             masked = torch.where(hidden, torch.full_like(views["original"], floor), views["original"])
@@ -107,4 +109,46 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
             paths.append(plots.image_rows([orig, masked, pred], ["original", "masked", "predicted"],
                                           out_dir / f"{tag}_visual.png",
                                           f"visual tokens, {float(mask.float().mean()):.0%} masked"))
+    return paths
+
+
+def load_mae(path: str | Path, device: str = "cpu"):
+    """(model, checkpoint, config) rebuilt from a `mae` checkpoint's stored config and dims."""
+    from vqmae.checkpoint import load_checkpoint
+    from vqmae.config import Config
+    from vqmae.mae import MAEDims, MAEModel
+
+    ckpt = load_checkpoint(path, kind="mae")
+    cfg = Config.from_dict(ckpt["config"])
+    model = MAEModel(cfg.mae, MAEDims.from_dict(ckpt["extra"]["dims"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt, cfg
+
+
+def reconstruct(mae_path: str | Path, store_path: str | Path, out_dir: str | Path, *,
+                tokenizers_dir: str | Path | None = None, n_windows: int = 2, seed: int = 0,
+                masking: str | None = None, device: str = "cpu") -> list[Path]:
+    """Panels for the first `n_windows` validation windows of `store_path` (fixed masking seed)."""
+    from dataclasses import replace
+
+    from vqmae.pretrain import batch_dict, check_parents
+    from vqmae.windows import WindowData
+
+    model, ckpt, cfg = load_mae(mae_path, device)
+    store = TokenStore.open(store_path)
+    check_parents(Path(mae_path), ckpt["parents"], store)
+    if masking is not None:
+        cfg = replace(cfg, mae=replace(cfg.mae, masking=masking))
+        model.cfg = cfg.mae
+    tokenizers = find_tokenizers(store, tokenizers_dir, device)
+    data = WindowData(store, cfg)
+    rows, starts = data.val_windows()
+    if len(rows) == 0:
+        rows, starts = data.plan.batch(0, n_windows)
+    batch = batch_dict(data.windows(rows[:n_windows], starts[:n_windows]), device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = predicted_codes(model, batch, gen)
+    paths = []
+    for i in range(min(n_windows, len(batch[next(iter(codes))]))):
+        paths += save_panels(codes, tokenizers, out_dir, f"step{ckpt['step']}_window{i}", sample=i)
     return paths

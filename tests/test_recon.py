@@ -1,0 +1,61 @@
+"""Reconstruction panels: masked tokens predicted, visible ones kept, decoded through real tokenizers."""
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from vqmae.checkpoint import checkpoint_sha256, save_checkpoint
+from vqmae.config import load_config
+from vqmae.pretrain import batch_dict, pretrain
+from vqmae.recon import find_tokenizers, load_mae, predicted_codes
+from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
+from vqmae.tokenizers import build_tokenizer
+from vqmae.windows import WindowData
+
+OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
+             "mae.decoder_depth=1", "mae.head_dim=8", "pretrain.batch_size=4", "pretrain.steps=2",
+             "pretrain.warmup_steps=1", "pretrain.val_every=2", "pretrain.ckpt_every=2",
+             "pretrain.val_fraction=0.3"]
+
+
+def build(tmp_path):
+    cfg = load_config("tiny", OVERRIDES)
+    toks, specs = {}, {}
+    for m, kind in (("audio", "audio_vqvae"), ("visual", "visual_vqvae")):
+        model = build_tokenizer(kind, cfg)
+        path = save_checkpoint(tmp_path / "tok" / f"{kind}.pt", kind=kind, model=model, config=cfg)
+        toks[m] = {"path": str(path), "sha256": checkpoint_sha256(path)}
+        specs[m] = ModalitySpec(m, model.codebook_size, tuple(model.grid), model.frame_rate,
+                                toks[m]["sha256"])
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    with StoreWriter(store, specs, config={"tokenizers": toks}) as w:
+        for i in range(6):
+            tv = 12
+            w.add({"clip_id": f"c{i}", "index": i}, {"audio": rng.integers(0, 256, (2 * tv, 64)),
+                                                      "visual": rng.integers(0, 512, (tv, 576))})
+    merge(store)
+    pretrain(store, cfg, tmp_path / "run")
+    return cfg, store
+
+
+def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
+    cfg, store = build(tmp_path)
+    model, ckpt, stored = load_mae(tmp_path / "run" / "mae.pt")
+    assert stored == cfg
+    s = TokenStore.open(store)
+    assert set(find_tokenizers(s)) == {"audio", "visual"}
+    data = WindowData(s, cfg)
+    rows, starts = data.val_windows()
+    batch = batch_dict(data.windows(rows[:2], starts[:2]), "cpu")
+    codes = predicted_codes(model, batch, torch.Generator().manual_seed(0))
+    for m, c in codes.items():
+        keep = ~c["mask"]
+        assert torch.equal(c["predicted"][keep], c["original"][keep])
+        assert c["mask"].any() or m == "audio"
+    res = CliRunner().invoke(app, ["reconstruct", str(tmp_path / "run" / "mae.pt"), str(store),
+                                   "--out", str(tmp_path / "png"), "--windows", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "step2_window0_audio.png", "step2_window0_visual.png"]
