@@ -4,8 +4,16 @@
 
 One loop for one process or many (`torchrun`: DDP, NCCL on GPU, gloo on CPU). Every source of
 randomness is a function of (seed, step): the window batch (`WindowPlan`), and the masking generator
-seeded per step and rank. So a run resumed from a checkpoint at step k continues exactly the
-trajectory of an uninterrupted run, and N processes see the same global batch as one.
+seeded per step. So a run resumed from a checkpoint at step k continues exactly the trajectory of an
+uninterrupted run, and N processes follow one process's trajectory (within float tolerance):
+
+* Masks are drawn for the GLOBAL batch on every rank (`GlobalMasking`: its padding follows from the
+  windows' clip lengths and starts, no codes exchanged), and each rank keeps its own slice, so the
+  masking of a sample does not depend on the number of ranks.
+* Each rank's CE is its summed per-token CE over (global masked-token count / world size), so
+  DDP's gradient mean is the gradient of the global mean, and the mean over ranks of the logged CE,
+  accuracy and loss is the global batch's. The contrastive term is over the global batch too.
+* Resume is decided by rank 0 alone: it loads and checks the checkpoint and broadcasts the state.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,7 @@ from vqmae.mae import MAEDims, MAEModel
 from vqmae.store import TokenStore
 from vqmae.training import Dist, Reporter, all_reduce_mean, autocast_context, init_distributed, lr_at
 from vqmae.utils import atomic_write_json
-from vqmae.windows import WindowBatch, WindowData, unigram_baseline
+from vqmae.windows import WindowBatch, WindowData, make_batch, tile_windows, unigram_baseline
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +77,90 @@ def batch_dict(batch: WindowBatch, device: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def mask_generator(seed: int, step: int, rank: int, device: str) -> torch.Generator:
-    """The masking randomness of one step on one rank: a pure function of its arguments."""
+def mask_generator(seed: int, step: int, device: str) -> torch.Generator:
+    """The masking randomness of one global batch (the same on every rank): a pure function of
+    its arguments."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + MASK_SEED_OFFSET) * 4_099 + step * 64 + rank)
+    g.manual_seed((seed * 1_000_003 + MASK_SEED_OFFSET) * 4_099 + step)
     return g
+
+
+def gather_rows(x: torch.Tensor, info: Dist) -> torch.Tensor:
+    """This rank's rows `[b, ...]` → every rank's, in rank order `[world × b, ...]`; only this
+    rank's slice keeps its gradient (the others arrive detached). Identity on one process."""
+    if not info.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(info.world_size)]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[info.rank] = x
+    return torch.cat(parts)
+
+
+@dataclass
+class StepMasks:
+    """The masking of one global batch, as one rank needs it."""
+
+    mask: dict[str, torch.Tensor]  # [b, N] bool, this rank's slice of the global masks
+    count: dict[str, torch.Tensor]  # [] masked valid tokens in the global batch
+    fraction: dict[str, torch.Tensor]  # [] masked share of the global batch's valid patches
+
+
+class GlobalMasking:
+    """Masks of a global batch, drawn identically on every rank from its windows alone.
+
+    A window's valid frames of modality m are `clamp(length − start × ratio, 0, frames)` (valid
+    frames are a prefix), so its patch padding and the valid ids of each patch follow without
+    reading codes; `model.sample_masking` then draws the global batch's masks with one generator.
+    """
+
+    def __init__(self, model: MAEModel, data: WindowData, device: str):
+        self.model = model
+        self.lengths = {m: torch.as_tensor(np.asarray(data.store.clips[f"{m}_length"], np.int64),
+                                           device=device) for m in model.names}  # [n_clips]
+        self.ratio = {m: data.geom.ratio[m] for m in model.names}
+        lays = model.layouts
+        self.first = {m: lay.time_index(device) * lay.time for m, lay in lays.items()}  # [N]
+        self.ids_per_frame = {m: math.prod(lay.spatial) for m, lay in lays.items()}
+
+    def geometry(self, rows: torch.Tensor, starts: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """rows, starts `[B]` (table rows, starts in grid steps) → per modality padding `[B, N]`
+        bool and valid ids per patch `[B, N]` int64, as `MAEModel.prepare` finds them."""
+        padding, ids = {}, {}
+        for m, lay in self.model.layouts.items():
+            avail = (self.lengths[m][rows] - starts * self.ratio[m]).clamp(0, lay.frames)  # [B]
+            frames = (avail[:, None] - self.first[m]).clamp(0, lay.time)  # [B, N]
+            padding[m] = frames == 0
+            ids[m] = frames * self.ids_per_frame[m]
+        return padding, ids
+
+    def draw(self, rows: torch.Tensor, starts: torch.Tensor, generator: torch.Generator,
+             lo: int, hi: int) -> StepMasks:
+        """Masks of the global batch (rows, starts `[B]`) → this rank's rows `[lo, hi)`."""
+        padding, ids = self.geometry(rows, starts)
+        masking = self.model.sample_masking(padding, generator)
+        mask, count, fraction = {}, {}, {}
+        for m, pad in padding.items():
+            full = masking.mask[m]  # [B, N]
+            mask[m] = full[lo:hi]
+            count[m] = (ids[m] * full).sum().float()
+            fraction[m] = (full.sum() / (~pad).sum().clamp(min=1)).float()
+        return StepMasks(mask, count, fraction)
+
+
+def global_windows(data: WindowData, batch: WindowBatch, step: int, info: Dist,
+                   device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's (rows, starts) `[B]` on `device`: from the plan in RAM (no exchange),
+    gathered from the ranks when streaming. Checks that this rank holds its slice of it."""
+    if data.in_ram:
+        rows, starts = data.plan.samples(step * data.batch_size, data.batch_size)
+        lo = info.rank * data.per_rank
+        if not (np.array_equal(rows[lo:lo + len(batch)], batch.rows.numpy())
+                and np.array_equal(starts[lo:lo + len(batch)], batch.starts.numpy())):
+            raise RuntimeError(f"step {step}: rank {info.rank}'s batch is not its slice of the "
+                               f"global batch the plan gives")
+        return torch.from_numpy(rows).to(device), torch.from_numpy(starts).to(device)
+    return (gather_rows(batch.rows.to(device), info), gather_rows(batch.starts.to(device), info))
 
 
 def metric_keys(model: MAEModel) -> list[str]:
@@ -104,26 +192,69 @@ class PretrainResult:
     model: MAEModel
 
 
+def val_windows(data: WindowData) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every validation window, in global batches of `batch_size` → [(rows [n], starts [n])]
+    (the last one smaller); the same on every rank."""
+    rows, starts = tile_windows(data.val_rows, data.steps[data.val_rows], data.geom.window_steps)
+    return [(rows[a:a + data.batch_size], starts[a:a + data.batch_size])
+            for a in range(0, len(rows), data.batch_size)]
+
+
+def read_windows(data: WindowData, rows: np.ndarray, starts: np.ndarray) -> WindowBatch:
+    """Windows (rows, starts `[n]`) from RAM or with one batched zarr read per modality."""
+    if data.in_ram:
+        return data.windows(rows, starts)
+    return make_batch(rows, starts, {m: data.store.read_windows(m, rows, starts * data.geom.ratio[m],
+                                                                data.geom.frames[m])
+                                     for m in data.specs}, data.specs)
+
+
 @torch.no_grad()
-def evaluate(model: MAEModel, data: WindowData, cfg: Config, device: str, info: Dist) -> dict[str, float]:
-    """Validation loss and masked-token accuracy, with fixed masking (same every call)."""
+def evaluate(model: MAEModel, data: WindowData, masker: GlobalMasking, cfg: Config, device: str,
+             info: Dist) -> dict[str, float]:
+    """Validation loss and masked-token accuracy over every validation window, with fixed masking
+    (same every call). Global batches as one process sees them; each rank scores a contiguous
+    share of each and the shares are summed, so CE, accuracy and mask fractions equal one
+    process's. (The contrastive metric is per rank share under DDP, an approximation.)"""
     was_training = model.training
     model.eval()
     keys = metric_keys(model)
     sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
-    for i, batch in enumerate(data.val_batches()):
-        gen = mask_generator(cfg.seed + 1, i, info.rank, device)
-        with autocast_context(device):
-            out = model(batch_dict(batch, device), gen)
-        values = {**{k: float(v) for k, v in out.metrics.items()}, "loss/total": float(out.loss)}
+    w = cfg.mae.contrastive_weight
+    for i, (rows, starts) in enumerate(val_windows(data)):
+        n = len(rows)
+        lo, hi = info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size
+        masks = masker.draw(torch.from_numpy(rows).to(device), torch.from_numpy(starts).to(device),
+                            mask_generator(cfg.seed + 1, i, device), lo, hi)
+        share = {f"mask/{m}": float(f) / info.world_size for m, f in masks.fraction.items()}
+        defined = {f"{k}/{m}": float(c) > 0 for m, c in masks.count.items() for k in ("loss", "acc")}
+        share.update({f"loss/{m}_ce": 0.0 for m in model.names} | {f"acc/{m}": 0.0 for m in model.names})
+        share["loss/contrastive"] = 0.0
+        if hi > lo:  # a rank may hold none of a small last batch
+            with autocast_context(device):
+                out = model(batch_dict(read_windows(data, rows[lo:hi], starts[lo:hi]), device),
+                            None, mask=masks.mask, ce_denominator=masks.count)
+            share.update({k: float(v) for k, v in out.metrics.items() if not k.startswith("mask/")})
+            share["loss/contrastive"] = share.get("loss/contrastive", 0.0) / info.world_size
+        ce = [share[f"loss/{m}_ce"] for m in model.names if defined[f"loss/{m}"]]
+        share["loss/total"] = sum(ce) + w * share["loss/contrastive"]
         for k in keys:
-            if k in values and math.isfinite(values[k]):
-                sums[k] += values[k] * len(batch)
-                counts[k] += len(batch)
+            if k in share and defined.get(k.replace("_ce", ""), True):
+                sums[k] += share[k] * n
+                counts[k] += n
     model.train(was_training)
-    metrics = {f"val/{k.replace('/', '_')}": sums[k] / counts[k] if counts[k] else math.nan
-               for k in keys}
-    return all_reduce_mean(metrics, info, device)
+    return _sum_over_ranks(sums, counts, info, device)
+
+
+def _sum_over_ranks(sums: dict[str, float], counts: dict[str, int], info: Dist,
+                    device: str) -> dict[str, float]:
+    """`val/<key>` = (sum over ranks of sums[key]) / counts[key] (the same count on every rank)."""
+    keys = sorted(sums)
+    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+    return {f"val/{k.replace('/', '_')}": v / counts[k] if counts[k] else math.nan
+            for k, v in zip(keys, total.tolist())}
 
 
 def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device: str = "cpu",
@@ -146,7 +277,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     lr = pcfg.base_lr * pcfg.batch_size / 256
     opt = torch.optim.AdamW(param_groups(model, pcfg.weight_decay), lr=lr, betas=tuple(pcfg.betas))
     path = run / CKPT_NAME
-    step = _resume(path, cfg, model, opt, store) if path.exists() else 0
+    step = _resume(path, cfg, model, opt, store, info)
     if info.main:
         atomic_write_json(run / "config.json", cfg.to_dict())
     net = model
@@ -156,6 +287,8 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
             find_unused_parameters=True)  # a modality with no masked token leaves its head unused
     if pcfg.compile:
         net = torch.compile(net)
+    masker = GlobalMasking(model, data, device)
+    gather = partial(gather_rows, info=info)
     unigram = _unigram(store, data, run, info)
     stop = min(pcfg.steps, max_steps if max_steps is not None else pcfg.steps)
     ctx = autocast_context(device)
@@ -164,15 +297,20 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     reporter.advance("pretrain", step)
     window: list[dict[str, float]] = []
     # a finished run that is started again evaluates instead of overwriting its summary with nothing
-    val: dict[str, float] = evaluate(model, data, cfg, device, info) if step >= stop else {}
+    val: dict[str, float] = evaluate(model, data, masker, cfg, device, info) if step >= stop else {}
     t_start, n_windows = time.perf_counter(), 0
     net.train()
     while step < stop:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, pcfg.warmup_steps, pcfg.steps)
         batch = next(batches)
+        lo = info.rank * data.per_rank
+        masks = masker.draw(*global_windows(data, batch, step, info, device),
+                            mask_generator(cfg.seed, step, device), lo, lo + len(batch))
         with ctx:
-            out = net(batch_dict(batch, device), mask_generator(cfg.seed, step, info.rank, device))
+            out = net(batch_dict(batch, device), None, mask=masks.mask,
+                      ce_denominator={m: c / info.world_size for m, c in masks.count.items()},
+                      gather=gather)
         loss = out.loss.float()
         finite = torch.isfinite(loss.detach()).to(torch.int32)
         if info.enabled:  # every rank stops together: one raising alone would hang the others
@@ -187,7 +325,8 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
         step += 1
         n_windows += len(batch) * info.world_size
         window.append({"loss/total": loss.item(), "grad_norm": float(grad_norm),
-                       **{k: float(v) for k, v in out.metrics.items()}})
+                       **{k: float(v) for k, v in out.metrics.items()},
+                       **{f"mask/{m}": float(f) for m, f in masks.fraction.items()}})
         keys = metric_keys(model) + ["grad_norm"]
         if step % pcfg.log_every == 0 or step == stop:
             row = _log_row(window, keys, step, opt, n_windows, t_start, info, device)
@@ -198,7 +337,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
                              loss=row["loss/total"], **{k: row[k] for k in ("acc/audio", "acc/visual") if k in row},
                              windows_s=row["windows_per_s"])
         if step % pcfg.val_every == 0 or step == stop:
-            val = evaluate(model, data, cfg, device, info)
+            val = evaluate(model, data, masker, cfg, device, info)
             if info.main:
                 _append_jsonl(run / "metrics.jsonl", {"step": step, **val})
         if info.main and (step % pcfg.ckpt_every == 0 or step == stop):
@@ -215,23 +354,47 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
 
 
 def _resume(path: Path, cfg: Config, model: MAEModel, opt: torch.optim.Optimizer,
-            store: TokenStore) -> int:
+            store: TokenStore, info: Dist) -> int:
+    """Resume from `path` if rank 0 finds it → the step to continue from (0: a fresh run).
+
+    Rank 0 alone looks at the file, checks it and broadcasts its state (or its error): every rank
+    then loads the same state, or raises the same error, whatever each one's filesystem shows.
+    """
+    state, error = None, None
+    if info.main and path.exists():
+        try:
+            state = _load_resume_state(path, cfg, store)
+        except Exception as exc:  # noqa: BLE001 - sent to the other ranks, raised everywhere
+            error = exc
+    if info.enabled:
+        box = [state, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state, error = box
+    if error is not None:
+        raise error
+    if state is None:
+        return 0
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    restore_rng(state)  # rank 0's generators: every rank's were equal when it was saved
+    log.info("%s: resuming at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _load_resume_state(path: Path, cfg: Config, store: TokenStore) -> dict[str, Any]:
     ckpt = load_checkpoint(path, kind="mae")
     check_parents(path, ckpt["parents"], store)
     stored = Config.from_dict(ckpt["config"])
     if replace(stored, device=cfg.device) != replace(cfg, device=stored.device):
         raise PretrainError(f"{path}: checkpoint was trained with another config; resume with the "
                             f"same --preset/--set, or use a new run directory")
-    model.load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(ckpt["optimizer"])
-    restore_rng(ckpt)
-    log.info("%s: resuming at step %d", path, ckpt["step"])
-    return int(ckpt["step"])
+    return {k: ckpt[k] for k in ("step", "state_dict", "optimizer", "rng")}
 
 
 def _unigram(store: TokenStore, data: WindowData, run: Path, info: Dist) -> dict[str, float]:
     """Masked-token accuracy of always predicting each position's most frequent training code."""
-    base = unigram_baseline(store, data.train_rows, data.val_batches(), list(data.specs))
+    batches = (read_windows(data, rows, starts) for rows, starts in val_windows(data))
+    base = unigram_baseline(store, data.train_rows, batches, list(data.specs))
     out = {f"unigram/{m}": b.accuracy for m, b in base.items() if b.accuracy is not None}
     if info.main:
         atomic_write_json(run / "unigram.json", {m: {"accuracy": b.accuracy,
