@@ -459,3 +459,34 @@ def test_factorised_head():
     assert out.logits["visual"].shape == (4, 40, 80, 32) and torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="head_dim=-1 must be 0"):
         model(head_dim=-1)
+
+
+def test_ce_denominator_splits_a_batch_exactly():
+    """Two half batches with the global count / 2 as denominator: their mean loss, gradient and
+    metrics equal the whole batch's (what DDP's gradient averaging relies on)."""
+    m = model(contrastive_weight=0.0)
+    batch = make_batch(4)
+    inp = m.prepare(batch)
+    mask = m.sample_masking(inp.padding, gen(3)).mask
+    count = {n: inp.token_valid[n][mask[n]].sum() for n in m.names}
+    full = m(batch, None, mask=mask)
+    full.loss.backward()
+    want = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    parts, grads = [], {k: 0.0 for k in want}
+    for sl in (slice(0, 2), slice(2, 4)):
+        m.zero_grad()
+        out = m({k: v[sl] for k, v in batch.items()}, None, mask={n: mask[n][sl] for n in m.names},
+                ce_denominator={n: c / 2 for n, c in count.items()})
+        out.loss.backward()
+        parts.append(out)
+        grads = {k: grads[k] + m.get_parameter(k).grad / 2 for k in want}
+    assert torch.allclose((parts[0].loss + parts[1].loss) / 2, full.loss, rtol=1e-5)
+    for key in ("loss/audio_ce", "loss/visual_ce", "acc/audio", "acc/visual"):
+        assert torch.allclose((parts[0].metrics[key] + parts[1].metrics[key]) / 2,
+                              full.metrics[key], rtol=1e-5)
+    assert all(torch.allclose(grads[k], want[k], rtol=1e-4, atol=1e-7) for k in want)
+    # a zero global count: no loss, NaN metrics, but the keys are there on every rank
+    none = m(batch, None, mask={n: torch.zeros_like(mask[n]) for n in m.names},
+             ce_denominator={n: 0.0 for n in m.names})
+    assert torch.isnan(none.metrics["loss/audio_ce"]) and torch.isnan(none.metrics["acc/visual"])
+    assert none.loss == 0
