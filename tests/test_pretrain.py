@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from vqmae.config import load_config
 from vqmae.pretrain import PretrainError, pretrain
-from vqmae.store import ModalitySpec, StoreWriter, merge
+from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
 
 # 0.4 s windows: 10 video frames (2 tube steps of 5) and 20 audio frames (2 patch steps of 10)
 OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
@@ -148,3 +148,30 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
     assert again.step == 3 and again.val == first.val
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val"]["val/loss_total"] == first.val["val/loss_total"]
+
+
+def test_global_masking_matches_the_model_and_ignores_world_size(tmp_path):
+    from vqmae.mae import MAEDims, MAEModel
+    from vqmae.pretrain import GlobalMasking, batch_dict, mask_generator
+    from vqmae.windows import WindowData
+
+    store = make_store(tmp_path / "s.zarr")
+    cfg = load_config("tiny", OVERRIDES)
+
+    ts = TokenStore.open(store)
+    data = WindowData(ts, cfg)
+    model = MAEModel(cfg.mae, MAEDims.from_specs(ts.specs, cfg.mae))
+    masker = GlobalMasking(model, data, "cpu")
+    rows, starts = data.plan.samples(0, 16)  # a global batch of 16 (clips shorter than a window)
+    inp = model.prepare(batch_dict(data.windows(rows, starts), "cpu"))
+    padding, ids = masker.geometry(torch.from_numpy(rows), torch.from_numpy(starts))
+    for m in model.names:  # the padding and valid ids of each patch, without reading codes
+        assert torch.equal(padding[m], inp.padding[m])
+        assert torch.equal(ids[m], inp.token_valid[m].sum(-1))
+        assert (ids[m] < ids[m].max()).any()  # partly padded patches (clips shorter than 0.4 s)
+    draw = lambda lo, hi: masker.draw(torch.from_numpy(rows), torch.from_numpy(starts),  # noqa: E731
+                                      mask_generator(0, 5, "cpu"), lo, hi)
+    whole, halves = draw(0, 16), [draw(0, 8), draw(8, 16)]
+    for m in model.names:
+        assert torch.equal(torch.cat([h.mask[m] for h in halves]), whole.mask[m])
+        assert whole.count[m] == inp.token_valid[m][whole.mask[m]].sum() == halves[1].count[m]
