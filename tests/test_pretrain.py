@@ -169,8 +169,11 @@ def test_global_masking_matches_the_model_and_ignores_world_size(tmp_path):
         assert torch.equal(padding[m], inp.padding[m])
         assert torch.equal(ids[m], inp.token_valid[m].sum(-1))
         assert (ids[m] < ids[m].max()).any()  # partly padded patches (clips shorter than 0.4 s)
-    draw = lambda lo, hi: masker.draw(torch.from_numpy(rows), torch.from_numpy(starts),  # noqa: E731
-                                      mask_generator(0, 5, "cpu"), lo, hi)
+
+    def draw(lo, hi):
+        return masker.draw(torch.from_numpy(rows), torch.from_numpy(starts),
+                           mask_generator(0, 5, "cpu"), lo, hi)
+
     whole, halves = draw(0, 16), [draw(0, 8), draw(8, 16)]
     for m in model.names:
         assert torch.equal(torch.cat([h.mask[m] for h in halves]), whole.mask[m])

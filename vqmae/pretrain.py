@@ -204,9 +204,9 @@ def read_windows(data: WindowData, rows: np.ndarray, starts: np.ndarray) -> Wind
     """Windows (rows, starts `[n]`) from RAM or with one batched zarr read per modality."""
     if data.in_ram:
         return data.windows(rows, starts)
-    return make_batch(rows, starts, {m: data.store.read_windows(m, rows, starts * data.geom.ratio[m],
-                                                                data.geom.frames[m])
-                                     for m in data.specs}, data.specs)
+    parts = {m: data.store.read_windows(m, rows, starts * data.geom.ratio[m], data.geom.frames[m])
+             for m in data.specs}
+    return make_batch(rows, starts, parts, data.specs)
 
 
 @torch.no_grad()
@@ -227,8 +227,9 @@ def evaluate(model: MAEModel, data: WindowData, masker: GlobalMasking, cfg: Conf
         masks = masker.draw(torch.from_numpy(rows).to(device), torch.from_numpy(starts).to(device),
                             mask_generator(cfg.seed + 1, i, device), lo, hi)
         share = {f"mask/{m}": float(f) / info.world_size for m, f in masks.fraction.items()}
-        defined = {f"{k}/{m}": float(c) > 0 for m, c in masks.count.items() for k in ("loss", "acc")}
-        share.update({f"loss/{m}_ce": 0.0 for m in model.names} | {f"acc/{m}": 0.0 for m in model.names})
+        defined = {f"{k}/{m}": float(c) > 0 for m, c in masks.count.items()
+                   for k in ("loss", "acc")}  # the same on every rank: a global count
+        share.update({k: 0.0 for m in model.names for k in (f"loss/{m}_ce", f"acc/{m}")})
         share["loss/contrastive"] = 0.0
         if hi > lo:  # a rank may hold none of a small last batch
             with autocast_context(device):
