@@ -44,6 +44,8 @@ def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
     cfg, store = build(tmp_path)
     model, ckpt, stored = load_mae(tmp_path / "run" / "mae.pt")
     assert stored == cfg
+    assert {p.name for p in (tmp_path / "run" / "recon").iterdir()} == {
+        "step0000002_audio.png", "step0000002_visual.png"}  # written by the training loop itself
     s = TokenStore.open(store)
     assert set(find_tokenizers(s)) == {"audio", "visual"}
     data = WindowData(s, cfg)

@@ -33,6 +33,7 @@ import torch
 from vqmae.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from vqmae.config import Config
 from vqmae.mae import MAEDims, MAEModel
+from vqmae.recon import find_tokenizers, predicted_codes, save_panels
 from vqmae.store import TokenStore
 from vqmae.training import Dist, Reporter, all_reduce_mean, autocast_context, init_distributed, lr_at
 from vqmae.utils import atomic_write_json
@@ -291,6 +292,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     masker = GlobalMasking(model, data, device)
     gather = partial(gather_rows, info=info)
     unigram = _unigram(store, data, run, info)
+    panel_tokenizers = find_tokenizers(store, device=device) if info.main else {}
     stop = min(pcfg.steps, max_steps if max_steps is not None else pcfg.steps)
     ctx = autocast_context(device)
     batches = data.train_loader(step)
@@ -341,6 +343,8 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
             val = evaluate(model, data, masker, cfg, device, info)
             if info.main:
                 _append_jsonl(run / "metrics.jsonl", {"step": step, **val})
+        if info.main and (step % pcfg.recon_every == 0 or step == stop):
+            _panels(model, data, panel_tokenizers, run, step, cfg, device)
         if info.main and (step % pcfg.ckpt_every == 0 or step == stop):
             save_checkpoint(path, kind="mae", model=model, config=cfg.to_dict(), parents=parents,
                             step=step, metrics={**val}, optimizer=opt,
@@ -352,6 +356,20 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     if info.enabled:
         torch.distributed.barrier()  # no rank returns before rank 0 has written the checkpoint
     return PretrainResult(path, step, val, unigram, wps, model)
+
+
+def _panels(model: MAEModel, data: WindowData, tokenizers: dict, run: Path, step: int, cfg: Config,
+            device: str) -> None:
+    """Reconstruction PNGs of the first validation window, through the store's tokenizers
+    (none when they could not be found: `recon.find_tokenizers` logged why)."""
+    windows = val_windows(data)
+    if not tokenizers or not windows:
+        return
+    rows, starts = windows[0]
+    batch = batch_dict(read_windows(data, rows[:1], starts[:1]), device)
+    codes = predicted_codes(model, batch, mask_generator(cfg.seed + 2, 0, device))
+    for p in save_panels(codes, tokenizers, run / "recon", f"step{step:07d}"):
+        log.info("reconstruction panel: %s", p)
 
 
 def _resume(path: Path, cfg: Config, model: MAEModel, opt: torch.optim.Optimizer,
