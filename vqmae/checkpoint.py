@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,7 +32,7 @@ from torch import nn
 
 from vqmae import __version__
 from vqmae.config import Config, ConfigError
-from vqmae.utils import sha256_file
+from vqmae.utils import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +174,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str,
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save into a temporary sibling, fsync, then rename over `path` (same filesystem)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------- reading
