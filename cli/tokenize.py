@@ -78,7 +78,9 @@ def tokenize(
     known = {f.path for f in failed}
     failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
     failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
-    _write_failures(run / "failures.csv", failed)
+    # concurrent shards share the run directory: one failures file each
+    name = "failures.csv" if shard_ == (0, 1) else f"failures-shard{shard_[0]}of{shard_[1]}.csv"
+    _write_failures(run / name, failed)
     _print_summary(out, result, failed, run, time.perf_counter() - t0)
 
 

@@ -14,6 +14,10 @@ uninterrupted run, and N processes follow one process's trajectory (within float
   DDP's gradient mean is the gradient of the global mean, and the mean over ranks of the logged CE,
   accuracy and loss is the global batch's. The contrastive term is over the global batch too.
 * Resume is decided by rank 0 alone: it loads and checks the checkpoint and broadcasts the state.
+
+Exactness holds for stores loaded into RAM (`pretrain.ram_limit_gb`). A store streamed from disk
+resumes at the start of the epoch containing the checkpoint's step (see `WindowData.train_loader`),
+so windows of that epoch are seen again.
 """
 
 from __future__ import annotations

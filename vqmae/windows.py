@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +316,9 @@ class WindowData:
         self.plan = WindowPlan(self.train_rows, self.steps[self.train_rows],
                                self.geom.window_steps, cfg.seed)
         self.code_bytes = sum(store.n_frames(m) * s.n_tokens * 2 for m, s in self.specs.items())
-        self.in_ram = self.code_bytes < cfg.pretrain.ram_limit_gb * 2 ** 30
+        # the limit is per machine: torchrun starts LOCAL_WORLD_SIZE processes, each with a copy
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.in_ram = self.code_bytes < cfg.pretrain.ram_limit_gb * 2 ** 30 / local
         log.info("%s: %d usable clips (%d train, %d val), %d windows per epoch, %.2f GB of codes "
                  "%s", store.path, len(usable), len(self.train_rows), len(self.val_rows),
                  self.plan.samples_per_epoch, self.code_bytes / 2 ** 30,
