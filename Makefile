@@ -13,7 +13,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth ingest tokenize inspect bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ tokenize:  ## stage 1: train both tokenizers on DATA and encode it into STORE
 
 inspect:
 	$(BIN)/vqmae inspect $(STORE)
+
+pretrain:  ## stage 2 on STORE (tiny preset: ~11 min on two CPU cores)
+	$(BIN)/vqmae pretrain $(STORE) --preset $(PRESET) --device $(DEVICE) --run-dir $(RUN)/pretrain
 
 demo:  ## synth → tokenize (tiny preset) → store summary; later stages join as they land
 	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize
