@@ -44,3 +44,7 @@ def pretrain(
     console.print(table)
     console.print(f"validation loss {result.val.get('val/loss_total', float('nan')):.4f}, "
                   f"{result.windows_per_s:.1f} windows/s; checkpoint [bold]{result.checkpoint}[/bold]")
+    panels = sorted((run / "recon").glob("*.png"))
+    if panels:
+        console.print(f"reconstructions (original / masked / predicted) in [bold]{run / 'recon'}[/bold], "
+                      f"latest: {', '.join(p.name for p in panels[-2:])}")
