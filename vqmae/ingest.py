@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -56,7 +56,6 @@ class ClipData:
     n_video_frames: int = 0
     n_audio_frames: int = 0
     av_offset: float = 0.0  # seconds of audio trimmed (> 0) or zero-padded (< 0) to match the video
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_modalities(text: str) -> tuple[str, ...]:

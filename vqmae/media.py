@@ -18,9 +18,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".flv", ".webm", ".m4v", ".mpg", ".mpeg"})
-AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus"})
-
 
 class MediaError(Exception):
     """A file that cannot be decoded: `str(e)` is '<path>: <reason>'."""
@@ -32,10 +29,6 @@ class MediaError(Exception):
 
     def __reduce__(self):  # keep (path, reason) across process boundaries
         return (type(self), (self.path, self.reason))
-
-
-def is_video(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTS
 
 
 def _first_line(e: Exception) -> str:
