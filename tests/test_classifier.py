@@ -1,0 +1,84 @@
+"""The stage-3 model: encoder loading, pooling, absent modalities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqmae.classifier import EmotionModel, drop_modality, load_encoder
+from vqmae.config import MAEConfig
+from vqmae.mae import MAEDims, MAEModel, ModalityDims
+
+CFG = MAEConfig(width=32, heads=2, encoder_depth=1, decoder_depth=1, head_dim=8, window_seconds=0.4)
+DIMS = MAEDims(audio=ModalityDims(16, (8,), 20), visual=ModalityDims(8, (8, 8), 10))
+
+
+def batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"audio": torch.randint(0, 16, (b, 20, 8), generator=g),
+            "visual": torch.randint(0, 8, (b, 10, 8, 8), generator=g),
+            "audio_valid": torch.ones(b, 20, dtype=torch.bool),
+            "visual_valid": torch.ones(b, 10, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls"])
+def test_shapes_and_pretrained_encoder_loads(pooling):
+    torch.manual_seed(0)
+    mae = MAEModel(CFG, DIMS).eval()
+    model = EmotionModel(CFG, DIMS, 5, pooling).eval()
+    load_encoder(model, mae.state_dict())
+    x = batch()
+    assert model(x).shape == (3, 5)
+    ref, got = mae.encode(x), model.backbone.encode(x)
+    for m in ("audio", "visual"):
+        torch.testing.assert_close(got.features[m], ref.features[m])
+
+
+def test_encoder_mismatch_names_the_keys():
+    other = MAEModel(MAEConfig(**{**CFG.__dict__, "encoder_depth": 2}), DIMS)
+    with pytest.raises(ValueError, match="unexpected.*encoder.1"):
+        load_encoder(EmotionModel(CFG, DIMS, 3), other.state_dict())
+
+
+def test_decoder_side_is_removed():
+    names = {n for n, _ in EmotionModel(CFG, DIMS, 3).named_parameters()}
+    assert not any(n.startswith(("backbone.decoder", "backbone.head", "backbone.mask_token",
+                                 "backbone.dec_")) for n in names)
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls"])
+def test_absent_modality_ignores_its_codes_and_gets_no_gradient(pooling):
+    torch.manual_seed(0)
+    model = EmotionModel(CFG, DIMS, 4, pooling).eval()
+    a, b = batch(seed=1), batch(seed=2)
+    b["audio"] = a["audio"]  # same audio, different video
+    ya = model(drop_modality(a, "visual"))
+    yb = model(drop_modality(b, "visual"))
+    torch.testing.assert_close(ya, yb)
+    assert not torch.allclose(model(a), model(b))  # with the video present it matters
+    model.zero_grad()
+    ya.sum().backward()
+    assert model.backbone.token_embed["visual"].weight.grad is None or \
+        model.backbone.token_embed["visual"].weight.grad.abs().sum() == 0
+    assert model.absent["visual"].grad.abs().sum() > 0
+    assert model.absent["audio"].grad is None or model.absent["audio"].grad.abs().sum() == 0
+
+
+def test_drop_modality_selects_rows():
+    x = batch(4)
+    out = drop_modality(x, "audio", torch.tensor([True, False, True, False]))
+    assert out["audio_valid"].any(1).tolist() == [False, True, False, True]
+    assert x["audio_valid"].all()  # the input is not modified
+
+
+def test_overfits_a_batch():
+    torch.manual_seed(0)
+    model = EmotionModel(CFG, DIMS, 4, "attention")
+    x, y = batch(8, seed=3), torch.arange(8) % 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05

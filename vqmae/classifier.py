@@ -1,0 +1,137 @@
+"""Stage-3 model: the MAE encoder, per-modality pooling and a linear head (DESIGN.md §2, fine-tune).
+
+    EmotionModel(mae_cfg, dims, n_outputs, pooling)(batch) → [B, n_outputs] logits / values
+
+The backbone is a `MAEModel` with its decoder side removed (decoder blocks, decoder position and
+modality embeddings, mask token, token-prediction heads): what remains has exactly the encoder's
+parameter names, so a pretrained MAE state dict loads into it after dropping those keys, and
+`load_encoder` asserts that nothing else was missing or left over (facebookresearch/mae's habit).
+
+Every valid patch is visible to the encoder. Each modality's encoder features are pooled over its
+visible patches into one `[B, width]` vector:
+
+* ``attention``: a learned query scores each patch (softmax over the visible ones);
+* ``mean``: the mean of the visible patches;
+* ``cls``: a learned class token attends to the patches through one extra transformer block
+  (class attention, as in CaiT).
+
+A modality with no visible patch in a window (an audio-only clip, or a modality dropped at train
+time or absent at test time) is represented by a learned *absent* vector instead, so one
+audiovisual model scores audio alone, video alone, or both. The pooled vectors are concatenated in
+`model.names` order, normalised, and mapped to the outputs by one linear layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vqmae.config import MAEConfig
+from vqmae.mae import Block, MAEDims, MAEModel
+
+# Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
+DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token")
+POOLINGS = ("attention", "mean", "cls")
+
+
+class Pool(nn.Module):
+    """Encoder features `[B, N, D]` + visible `[B, N]` bool → pooled `[B, D]`, present `[B]` bool."""
+
+    def __init__(self, width: int, kind: str, heads: int):
+        super().__init__()
+        if kind not in POOLINGS:
+            raise ValueError(f"pooling {kind!r}: expected one of {list(POOLINGS)}")
+        self.kind = kind
+        if kind == "attention":
+            self.norm = nn.LayerNorm(width)
+            self.query = nn.Parameter(torch.zeros(width))
+        elif kind == "cls":
+            self.token = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.trunc_normal_(self.token, std=0.02)
+            self.block = Block(width, heads, 2.0, 0.0)
+            self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = visible.any(1)  # [B]
+        if self.kind == "mean":
+            w = visible.to(x.dtype)
+            return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0), present
+        if self.kind == "attention":
+            score = self.norm(x) @ self.query.to(x.dtype) / x.shape[-1] ** 0.5  # [B, N]
+            score = score.masked_fill(~visible, float("-inf"))
+            # rows with nothing visible: uniform weights over zeros, replaced by `absent` later
+            weight = torch.softmax(torch.where(present[:, None], score, 0.0), dim=1)
+            return torch.einsum("bn,bnd->bd", weight, x), present
+        seq = torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)  # [B, 1+N, D]
+        key = torch.cat([torch.ones_like(visible[:, :1]), visible], 1)
+        return self.norm(self.block(seq, key)[:, 0]), present
+
+
+class EmotionModel(nn.Module):
+    """MAE encoder → per-modality pooling → linear head. Pure: no I/O.
+
+    Input: a batch dict as `MAEModel` takes (codes and ``*_valid`` per modality of the backbone).
+    A modality is *absent* for a sample when none of its frames is valid.
+    """
+
+    def __init__(self, mae_cfg: MAEConfig, dims: MAEDims | Mapping[str, Any], n_outputs: int,
+                 pooling: str = "attention", dropout: float = 0.0):
+        super().__init__()
+        if n_outputs < 1:
+            raise ValueError(f"n_outputs={n_outputs} must be positive")
+        self.backbone = MAEModel(mae_cfg, dims)
+        for key in ("decoder", "decoder_norm", "head", "dec_pos", "dec_modality", "mask_token"):
+            delattr(self.backbone, key)
+        self.names = self.backbone.names
+        w = mae_cfg.width
+        self.pool = nn.ModuleDict({m: Pool(w, pooling, mae_cfg.heads) for m in self.names})
+        self.absent = nn.ParameterDict({m: nn.Parameter(torch.zeros(w)) for m in self.names})
+        self.norm = nn.LayerNorm(w * len(self.names))
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(w * len(self.names), n_outputs)
+        nn.init.trunc_normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything outside the backbone (randomly initialised in every run)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled, concatenated representation `[B, width × n_modalities]` before the head."""
+        enc = self.backbone.encode(batch)
+        parts = []
+        for m in self.names:
+            pooled, present = self.pool[m](enc.features[m], enc.visible[m])  # [B, D], [B]
+            parts.append(torch.where(present[:, None], pooled, self.absent[m].to(pooled.dtype)))
+        return self.norm(torch.cat(parts, -1))
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.out(self.drop(self.features(batch)))  # [B, n_outputs]
+
+
+def load_encoder(model: EmotionModel, mae_state: Mapping[str, torch.Tensor]) -> None:
+    """Load a pretrained MAE's encoder into `model.backbone`; the decoder-side keys are dropped and
+    any other missing or unexpected key is an error naming it."""
+    state = {k: v for k, v in mae_state.items() if not k.startswith(DECODER_KEYS)}
+    result = model.backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"pretrained MAE does not match the fine-tuning backbone: missing "
+                         f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+
+
+def drop_modality(batch: Mapping[str, torch.Tensor], name: str,
+                  rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A copy of `batch` where modality `name` is absent (all frames invalid, codes 0) for the
+    samples selected by `rows` ([B] bool; default all)."""
+    out = dict(batch)
+    key = f"{name}_valid"
+    if name not in out:
+        return out
+    valid = out.get(key)
+    if valid is None:
+        valid = torch.ones(out[name].shape[:2], dtype=torch.bool, device=out[name].device)
+    keep = torch.zeros_like(valid) if rows is None else valid & ~rows[:, None]
+    out[key] = valid & keep
+    return out
