@@ -204,3 +204,41 @@ def test_aggregate_mean_std_and_nan_handling():
 def test_format_mean_std():
     assert format_mean_std({"mean": 0.8123, "std": 0.0411}) == "0.812 ± 0.041"
     assert format_mean_std({"mean": 0.5, "std": 0.0, "n": 1}, digits=1) == "0.5 ± 0.0"
+
+
+# ------------------------------------------------------------------ plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path, out) -> np.ndarray:
+    import matplotlib.image
+
+    assert path == out and out.read_bytes().startswith(PNG_SIGNATURE)
+    assert out.stat().st_size > 5_000
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+    return matplotlib.image.imread(out)  # [H, W, 4]
+
+
+def test_confusion_png(tmp_path):
+    from vqmae.plots import confusion_png
+
+    out = tmp_path / "plots" / "confusion.png"
+    conf = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # an empty row must not break the colours
+    image = check_png(confusion_png(conf, ["angry", "happy", "sad"], out, "fold0"), out)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # cells and text drawn, not a blank canvas
+    with pytest.raises(ValueError, match="confusion matrix of shape \\(3, 3\\) does not match 2 class"):
+        confusion_png(conf, ["a", "b"], tmp_path / "x.png", "t")
+
+
+def test_label_efficiency_png(tmp_path):
+    from vqmae.plots import label_efficiency_png
+
+    out = tmp_path / "curves" / "label_efficiency.png"
+    curves = {"pretrained": ([0.01, 0.1, 1.0], [0.4, 0.6, 0.75], [0.05, 0.03, 0.02]),
+              "scratch": ([0.01, 0.1, 1.0], [0.2, 0.45, 0.7], [0.06, 0.04, 0.02])}
+    check_png(label_efficiency_png(curves, out, "uar"), out)
+    with pytest.raises(ValueError, match="curve 'scratch' has 3 fractions, 2 means and 3 stds"):
+        label_efficiency_png({"scratch": ([0.1, 0.5, 1.0], [0.2, 0.3], [0, 0, 0])},
+                             tmp_path / "y.png", "uar")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -91,4 +92,49 @@ def curves(series: dict[str, list[tuple[int, float]]], path: str | Path, title: 
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
     ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str) -> Path:
+    """Confusion matrix int [C, C] (rows = true class): colours are row-normalised (per-class
+    recall), each cell shows its count; an empty row stays blank rather than dividing by zero."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(classes):
+        raise ValueError(f"{path}: confusion matrix of shape {matrix.shape} does not match "
+                         f"{len(classes)} class names")
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)  # [C, C]
+    n = len(classes)
+    plt, fig, ax = _figure(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for r in range(n):
+        for c in range(n):
+            # White text on dark cells keeps every count readable.
+            ax.text(c, r, str(int(matrix[r, c])), ha="center", va="center", fontsize=8,
+                    color="white" if share[r, c] > 0.5 else "black")
+    ax.set_xticks(range(n), list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    return _save(plt, fig, path)
+
+
+def label_efficiency_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                         path: str | Path, metric: str) -> Path:
+    """Metric against the fraction of labelled training data (log x), one line with ± std error bars
+    per model: curves = {"pretrained": (fractions, means, stds), "scratch": (...)}."""
+    plt, fig, ax = _figure(figsize=(6, 4))
+    for name, (fractions, means, stds) in curves.items():
+        if not len(fractions) == len(means) == len(stds):
+            raise ValueError(f"{path}: curve {name!r} has {len(fractions)} fractions, {len(means)} "
+                             f"means and {len(stds)} stds")
+        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of labelled training clips")
+    ax.set_ylabel(metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(f"label efficiency: {metric}")
     return _save(plt, fig, path)
