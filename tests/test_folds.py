@@ -104,6 +104,17 @@ def test_loso_one_fold_per_speaker(table):
     assert summary["test_speakers"] == [present[0]] and summary["n_test"] == len(folds[0].test)
 
 
+def test_store_string_columns_are_accepted(table):
+    """The store's table columns are numpy StringDType, possibly with None for a missing value."""
+    speaker, rows = table
+    string_dtype = np.dtypes.StringDType(na_object=None)
+    a = make_folds(np.array(speaker.tolist(), dtype=string_dtype), rows, protocol="kfold", k=3, seed=2)
+    assert same_folds(a, make_folds(speaker, rows, protocol="kfold", k=3, seed=2))
+    split = np.array(["train", "val", "test", None], dtype=string_dtype)
+    with pytest.raises(ValueError, match=r"1 usable clips have no train/val/test split \(rows \[3\]"):
+        make_folds(np.array(list("abcd")), np.arange(4), protocol="split", split=split)
+
+
 def test_folds_need_three_speakers_and_room_for_validation():
     speaker = np.array(["a", "a", "b", "b"])
     with pytest.raises(ValueError, match="needs at least 3 speakers .* the usable clips have 2"):

@@ -51,11 +51,20 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
+def _strings(x) -> np.ndarray:
+    """A fixed-width unicode array from any 1-D sequence of strings; the store's columns are numpy
+    StringDType (which `astype(str)` cannot cast) and may hold None for a missing value (→ "")."""
+    arr = np.asarray(x)
+    if arr.dtype.kind == "U" or arr.ndim != 1:
+        return arr
+    return np.array(["" if v is None else str(v) for v in arr.tolist()], dtype=str)
+
+
 def speaker_groups(speakers: Sequence[str], k: int, seed: int) -> list[list[str]]:
     """The unique speakers, shuffled by a Generator seeded with `seed`, dealt round-robin into k groups
     (sizes differ by at most one; each group sorted). Every speaker lands in exactly one group."""
     _check_seed(seed)
-    unique = np.unique(np.asarray(speakers, dtype=str))  # sorted: input order does not matter
+    unique = np.unique(_strings(speakers))  # sorted: input order does not matter
     if k < 2 or k > len(unique):
         raise ValueError(f"k={k} folds needs 2 <= k <= the number of speakers ({len(unique)})")
     order = np.random.default_rng(seed).permutation(len(unique))
@@ -64,7 +73,7 @@ def speaker_groups(speakers: Sequence[str], k: int, seed: int) -> list[list[str]
 
 def _check_table(speaker: np.ndarray, rows: np.ndarray,
                  need_speakers: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    speaker = np.asarray(speaker, dtype=str)
+    speaker = _strings(speaker)
     rows = np.asarray(rows)
     if speaker.ndim != 1 or rows.ndim != 1:
         raise ValueError(f"speaker and rows must be 1-D, got shapes {speaker.shape} and {rows.shape}")
@@ -162,7 +171,7 @@ def make_folds(speaker: np.ndarray, rows: np.ndarray, *, protocol: str, k: int =
 def _split_fold(speaker: np.ndarray, rows: np.ndarray, split: np.ndarray | None) -> Fold:
     if split is None:
         raise ValueError("protocol 'split' needs a split array (train / val / test per table row)")
-    split = np.asarray(split, dtype=str)
+    split = _strings(split)
     if split.shape != speaker.shape:
         raise ValueError(f"split has shape {split.shape} but the table has {len(speaker)} rows")
     labels = split[rows]
@@ -310,7 +319,7 @@ class _ClipIndex:
 
     def __init__(self, by_path: bool, clip_id: np.ndarray, table_path: np.ndarray, csv_dir: Path):
         self.by_path, self.csv_dir = by_path, csv_dir
-        keys = (np.asarray(table_path, dtype=str) if by_path else np.asarray(clip_id, dtype=str)).tolist()
+        keys = _strings(table_path if by_path else clip_id).tolist()
         self.rows: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             key = os.path.normpath(key) if by_path else key
