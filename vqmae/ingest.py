@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
 from vqmae.isolate import Outcome, isolated_map
 from vqmae.media import MediaError, iter_video, read_audio
+
+if TYPE_CHECKING:  # vqmae.noise imports vqmae.tokenize, which imports this module
+    from vqmae.noise import NoiseSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,13 @@ def get_cropper(cfg: Config) -> FaceCropper:
     return _CROPPERS[key]
 
 
-def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIES) -> ClipData:
-    """Decode one clip into aligned model inputs (see the module docstring for the contract)."""
+def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIES, *,
+              noise: NoiseSpec | None = None) -> ClipData:
+    """Decode one clip into aligned model inputs (see the module docstring for the contract).
+
+    `noise` adds seeded noise (keyed by the clip id) to the aligned waveform before peak
+    normalisation and the STFT: the audio a noise-robustness evaluation tokenizes.
+    """
     out = ClipData(clip)
     want_video = "visual" in modalities and clip.has_video
     want_audio = "audio" in modalities
@@ -91,12 +99,14 @@ def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIE
         out.faces, out.face_rate = _load_faces(clip.path, cfg)
         out.n_video_frames = len(out.faces)
     if want_audio:
-        out.spec, out.av_offset = _load_spec(clip, cfg, out.n_video_frames if want_video else None)
+        out.spec, out.av_offset = _load_spec(clip, cfg, out.n_video_frames if want_video else None,
+                                             noise=noise)
         out.n_audio_frames = len(out.spec)
     return out
 
 
-def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None) -> tuple[np.ndarray, float]:
+def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None, *,
+               noise: NoiseSpec | None = None) -> tuple[np.ndarray, float]:
     src = clip.audio_path or clip.path
     try:
         wave = read_audio(src, cfg.audio.sample_rate)
@@ -113,6 +123,13 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None) -> tuple[np.nda
     n_frames = frames_for_samples(len(wave), cfg.audio)
     if n_frames == 0:
         raise ClipError(src, "audio", f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
+    if noise is not None:
+        from vqmae.noise import add_noise  # deferred: see the TYPE_CHECKING import
+
+        try:
+            wave = add_noise(wave, noise, clip.clip_id)
+        except ValueError as e:
+            raise ClipError(src, "audio", str(e)) from None
     x = torch.from_numpy(wave)
     if cfg.audio.peak_normalize:
         try:
@@ -155,11 +172,12 @@ class _Task:
     config: dict
     modalities: tuple[str, ...]
     keep_arrays: bool
+    noise: NoiseSpec | None = None
 
 
 def _run_task(task: _Task) -> ClipData:
     cfg = _config_cache(task.config)
-    data = load_clip(task.clip, cfg, task.modalities)
+    data = load_clip(task.clip, cfg, task.modalities, noise=task.noise)
     if not task.keep_arrays:
         data.spec = data.faces = None
     return data
@@ -195,13 +213,15 @@ class Failure:
 
 def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,
            workers: int = 1, keep_arrays: bool = True, timeout: float | None = 600.0,
+           noise: NoiseSpec | None = None,
            ) -> Iterator[tuple[ClipInfo, ClipData | None, Failure | None]]:
     """Load many clips in crash-isolated worker processes; yield (clip, data, failure) as they finish.
 
     Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
+    `noise` is passed to `load_clip` (noisy audio for robustness evaluation).
     """
     config = cfg.to_dict()  # one shared dict, not one copy per clip
-    tasks = [_Task(c, config, tuple(modalities), keep_arrays) for c in clips]
+    tasks = [_Task(c, config, tuple(modalities), keep_arrays, noise) for c in clips]
     for o in isolated_map(_run_task, tasks, workers=workers, timeout=timeout):
         if o.ok:
             yield o.item.clip, o.value, None

@@ -17,7 +17,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
 from vqmae.tokenizers import build_tokenizer
 from vqmae.training import Reporter, autocast_context, lr_at
 from vqmae.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from vqmae.noise import NoiseSpec
 
 log = logging.getLogger(__name__)
 
@@ -425,11 +428,13 @@ class EncodeResult:
 def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
                   tokenizers: dict[str, LoadedTokenizer], *,
                   shard: tuple[int, int] = (0, 1), device: str = "cpu", workers: int = 1,
-                  reporter: Reporter = Reporter(), on_clip: Callable[[], None] | None = None) -> EncodeResult:
+                  reporter: Reporter = Reporter(), on_clip: Callable[[], None] | None = None,
+                  noise: NoiseSpec | None = None) -> EncodeResult:
     """Encode this shard's clips (index % n == i) into `store`; merge when running unsharded.
 
     `clips` is the full scan (positions are the store's canonical `index`). Clips already committed
-    are skipped, so a rerun after an interruption resumes.
+    are skipped, so a rerun after an interruption resumes. `noise` adds seeded noise to every
+    clip's waveform before the STFT (see `vqmae.noise`).
     """
     modalities = tuple(tokenizers)
     cfg = feature_config(cfg, tokenizers)
@@ -447,7 +452,7 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
     with writer:
         # completion order: `merge` sorts by index, and holding early finishers back for a slow
         # clip would keep their arrays in memory
-        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers):
+        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers, noise=noise):
             if failure is not None:
                 failures.append(failure)
                 if failure.stage != "decode":  # a crash or timeout may be transient: retry on rerun
