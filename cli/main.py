@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import ingest, inspect, pretrain, reconstruct, synth, tokenize
+from cli import finetune, ingest, inspect, pretrain, reconstruct, synth, tokenize
 
 app = typer.Typer(
     help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
@@ -17,6 +17,7 @@ app.command("synth")(synth.synth)
 app.command("ingest")(ingest.ingest)
 app.command("tokenize")(tokenize.tokenize)
 app.command("pretrain")(pretrain.pretrain)
+app.command("finetune")(finetune.finetune)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("inspect")(inspect.inspect)
 

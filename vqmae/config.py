@@ -158,6 +158,43 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3: emotion models on the pretrained encoder, speaker-independent evaluation (DESIGN §6)."""
+
+    task: Literal["classify", "multilabel", "regress"] = "classify"
+    targets: tuple[str, ...] = ("valence", "arousal", "dominance")  # regress: table columns
+    pooling: Literal["attention", "mean", "cls"] = "attention"  # per modality, then concatenated
+    freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
+    # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init)
+    inits: tuple[str, ...] = ("pretrained", "scratch")
+    protocol: Literal["kfold", "loso", "split"] = "kfold"
+    folds: int = 5
+    val_speakers: int = 1  # carved from each fold's training speakers; selects the epoch
+    label_fractions: tuple[float, ...] = (1.0,)  # of each fold's training clips, stratified, nested
+    eval_modalities: tuple[str, ...] = ("av", "audio", "visual")  # scored at test time
+    # During training each sample loses one of its two modalities with this probability, so one
+    # audiovisual model can be evaluated (and deployed) on audio or video alone.
+    modality_dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-4  # encoder
+    head_lr: float = 1e-3  # pooling + head (randomly initialised in every run)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    dropout: float = 0.1  # before the head
+    class_weights: bool = False  # classify: weight CE by inverse training-class frequency
+    eval_batch: int = 64
+    # noise robustness: test clips re-tokenized with noise at these SNRs (dB), added to the waveform
+    noise_snrs: tuple[float, ...] = ()
+    noise_kind: Literal["white", "pink"] = "white"
+    # cross-modal distillation: an AV teacher → audio-only student (see vqmae/finetune.py)
+    distill: bool = False
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5  # upper bound of a clip's distillation weight (times its reliability)
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     n_speakers: int = 6
     clips_per_speaker: int = 48
@@ -192,6 +229,7 @@ class Config:
     visual_vq: VisualVQConfig = field(default_factory=VisualVQConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -242,6 +280,8 @@ def _tiny() -> Config:
         pretrain=PretrainConfig(steps=500, batch_size=16, base_lr=0.128, warmup_steps=40,
                                 val_fraction=0.1, val_every=100, ckpt_every=100, log_every=10,
                                 recon_every=250, workers=0),
+        finetune=FinetuneConfig(folds=4, epochs=12, batch_size=16, lr=1e-3, head_lr=3e-3,
+                                eval_batch=128),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
                           min_seconds=1.0, max_seconds=2.0, frame_size=128),
         store=StoreConfig(segment_clips=4, audio_chunk_rows=512, visual_chunk_rows=128),

@@ -1,0 +1,91 @@
+"""`vqmae finetune STORE --mae mae.pt`: stage 3 from the command line (also under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
+from vqmae.checkpoint import CheckpointError
+from vqmae.finetune import FinetuneError, finetune as run_finetune
+from vqmae.metrics import format_mean_std
+from vqmae.store import StoreError
+from vqmae.utils import resolve_device
+
+
+def finetune(
+    store: Annotated[Path, typer.Argument(help="Labelled token store (encoded with the MAE's tokenizers).")],
+    mae: Annotated[Optional[Path], typer.Option(help="Pretrained MAE checkpoint (runs/.../mae.pt).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run directory (default runs/finetune-<store name>); rerun to resume.")] = None,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Only the randomly initialised backbone (no MAE needed).")] = False,
+    baseline: Annotated[bool, typer.Option(help="Also train the identical backbone from scratch, side by side.")] = True,
+    task: Annotated[Optional[str], typer.Option(help="classify, multilabel or regress (valence/arousal/dominance, CCC).")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="kfold, loso, or split (the store's split column).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="Number of speaker folds for kfold.")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="CSV: speaker,fold  or  clip_id|path,split (train/val/test).")] = None,
+    label_fraction: Annotated[Optional[str], typer.Option(help="Fractions of each fold's training clips, e.g. 0.05,0.1,0.25,1.")] = None,
+    freeze: Annotated[Optional[bool], typer.Option("--freeze/--full", help="Linear probe on a frozen encoder, or full fine-tuning.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="attention, mean or cls.")] = None,
+    noise_snr: Annotated[Optional[str], typer.Option(help="Also test with noise added to the audio at these SNRs (dB), e.g. 10,0.")] = None,
+    distill: Annotated[bool, typer.Option("--distill", help="Distil each fold's AV model into an audio-only student.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding processes when re-tokenizing noisy audio.")] = 2,
+    preset: PresetOpt = "paper",
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Fine-tune emotion models from a pretrained MAE and evaluate them speaker-independently."""
+    setup_logging(verbose)
+    # the flags are shorthands for --set finetune.<key>=...: one path checks their types
+    flags = dict(task=task, protocol="split" if split_file else protocol, folds=folds, freeze=freeze,
+                 pooling=pooling, label_fractions=label_fraction, noise_snrs=noise_snr,
+                 distill=True if distill else None,
+                 inits="scratch" if from_scratch else None if baseline else "pretrained")
+    cfg = make_config(preset, [*(set_ or []), *(f"finetune.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                                for k, v in flags.items() if v is not None)])
+    run = run_dir or Path("runs") / f"finetune-{store.name.removesuffix('.zarr')}"
+    dev = resolve_device(device)
+    try:
+        noisy = _noisy_stores(store, cfg, run, dev, workers)
+        with RichReporter(console) as reporter:
+            result = run_finetune(store, cfg, run, mae=None if from_scratch else mae, device=dev,
+                                  reporter=reporter, split_file=split_file, noisy_stores=noisy)
+    except (StoreError, FinetuneError, CheckpointError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print_summary(result.summary)
+    console.print(f"report [bold]{run / 'report.md'}[/bold], summary {run / 'summary.json'}, "
+                  f"plots {', '.join(p.name for p in sorted(run.glob('*.png')))}; models in {run / 'units'}")
+
+
+def _noisy_stores(store: Path, cfg, run: Path, device: str, workers: int) -> dict[float, Path]:
+    if not cfg.finetune.noise_snrs:
+        return {}
+    from vqmae.noise import NoiseSpec, noisy_store
+
+    out = {}
+    for snr in cfg.finetune.noise_snrs:
+        path = run / "noisy" / f"{cfg.finetune.noise_kind}{snr:g}dB.zarr"
+        console.print(f"re-tokenizing the store's clips with {cfg.finetune.noise_kind} noise at {snr:g} dB → {path}")
+        with RichReporter(console) as reporter:
+            out[snr] = noisy_store(store, path, NoiseSpec(snr, cfg.finetune.noise_kind, cfg.seed), cfg=cfg,
+                                   device=device, workers=workers, reporter=reporter)
+    return out
+
+
+def _print_summary(summary: dict) -> None:
+    task = summary["task"]
+    keys = {"classify": ["war", "uar", "macro_f1"], "multilabel": ["macro_f1", "macro_auc", "micro_f1"],
+            "regress": ["ccc"] + [f"ccc/{n}" for n in task["names"]]}[task["kind"]]
+    table = Table(title=f"{task['kind']} — {summary['folds']} speaker-independent folds "
+                        f"({summary['protocol']}), mean ± std over folds")
+    for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:
+        table.add_column(col, justify="right")
+    for r in summary["rows"]:
+        table.add_row(r["variant"], f"{r['fraction']:.0%}", r["eval"],
+                      *[format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys])
+    console.print(table)
+    console.print(f"chance: {summary['chance']}")
