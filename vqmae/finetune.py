@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from vqmae import folds as folds_mod
 from vqmae import metrics as M
-from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, restore_rng, save_checkpoint
 from vqmae.classifier import EmotionModel, drop_modality, load_encoder
 from vqmae.config import Config, FinetuneConfig, MAEConfig
 from vqmae.datasets import EMOTIONS
@@ -583,6 +583,7 @@ class Trainer:
                                 f"same --preset/--set or a new run directory")
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
+        restore_rng(ckpt)  # dropout draws continue as in an uninterrupted run
         ex = ckpt["extra"]
         log.info("%s: resuming at epoch %d", path, ex["epoch"])
         return {"epoch": int(ex["epoch"]), "best": {"value": ex["best_value"], "epoch": int(ex["best_epoch"]),

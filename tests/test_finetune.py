@@ -1,0 +1,204 @@
+"""Stage 3 on a small labelled synthetic store: folds, selection, scoring, resume, checks, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from vqmae.config import load_config
+from vqmae.finetune import FinetuneError, finetune
+from vqmae.pretrain import pretrain
+from vqmae.store import ModalitySpec, StoreWriter, merge
+from vqmae.training import Reporter
+
+CLASSES = ("neutral", "happy", "sad")
+OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
+             "mae.decoder_depth=1", "mae.head_dim=8", "pretrain.batch_size=8", "pretrain.steps=4",
+             "pretrain.warmup_steps=1", "pretrain.val_fraction=0.2", "pretrain.log_every=2",
+             "pretrain.val_every=4", "pretrain.ckpt_every=4", "pretrain.recon_every=1000",
+             "finetune.folds=4", "finetune.epochs=4", "finetune.batch_size=8", "finetune.lr=0.003",
+             "finetune.head_lr=0.01", "finetune.dropout=0.0", "finetune.warmup_epochs=0.5"]
+
+
+def make_store(path, sha="a" * 64, n_speakers=4, per_speaker=6, seed=0, flip=0.0):
+    """Clips whose audio and visual codes carry the label (learnable across speakers); the last
+    clip of every speaker is audio-only. `flip` perturbs a fraction of audio codes (a 'noisy' copy)."""
+    rng = np.random.default_rng(seed)
+    specs = {"audio": ModalitySpec("audio", 16, (8,), 50.0, sha),
+             "visual": ModalitySpec("visual", 32, (8, 8), 25.0, "b" * 64)}
+    n = 0
+    with StoreWriter(path, specs) as w:
+        for s in range(n_speakers):
+            for j in range(per_speaker):
+                k = j % len(CLASSES)
+                tv = int(rng.integers(12, 30))
+                audio = (np.full((2 * tv, 8), 4 * k) + rng.integers(0, 3, (2 * tv, 8)) + s) % 16
+                if flip:
+                    hit = rng.random(audio.shape) < flip
+                    audio[hit] = rng.integers(0, 16, hit.sum())
+                codes = {"audio": audio}
+                if j < per_speaker - 1:
+                    codes["visual"] = (np.full((tv, 64), 8 * k) + rng.integers(0, 4, (tv, 64))) % 32
+                w.add({"clip_id": f"s{s}c{j}", "index": n, "speaker": f"spk{s}", "label": CLASSES[k],
+                       "labels": [CLASSES[k]] + (["angry"] if j % 2 else []),
+                       "valence": k - 1.0 + 0.1 * rng.normal(), "arousal": 0.5 * k + 0.1 * rng.normal()},
+                      codes)
+                n += 1
+    merge(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A store, a briefly pretrained MAE, and one default fine-tuning run (both inits)."""
+    tmp = tmp_path_factory.mktemp("ft")
+    store = make_store(tmp / "s.zarr")
+    cfg = load_config("tiny", OVERRIDES)
+    pretrain(store, cfg, tmp / "pre")
+    result = finetune(store, cfg, tmp / "ft", mae=tmp / "pre" / "mae.pt")
+    return tmp, store, cfg, result
+
+
+def test_every_speaker_tested_once_and_model_beats_chance(trained):
+    tmp, _, _, result = trained
+    folds = json.loads((tmp / "ft" / "folds.json").read_text())
+    tested = [s for f in folds for s in f["test_speakers"]]
+    assert sorted(tested) == ["spk0", "spk1", "spk2", "spk3"]
+    for f in folds:
+        assert not set(f["val_speakers"]) & set(f["test_speakers"])
+    rows = {(r["variant"], r["eval"]): r for r in result.summary["rows"]}
+    assert set(rows) == {(v, e) for v in ("pretrained", "scratch") for e in ("av", "audio", "visual")}
+    for v in ("pretrained", "scratch"):
+        assert rows[(v, "av")]["uar"]["mean"] > 0.8  # chance is 1/3
+        assert rows[(v, "av")]["uar"]["n"] == 4
+    # audio-only clips are scored in av and audio mode, never in visual mode
+    unit = next(u for u in result.units if u.unit.startswith("pretrained/"))
+    assert unit.metrics["av"]["n_clips"] == unit.metrics["audio"]["n_clips"] == 6
+    assert unit.metrics["visual"]["n_clips"] == 5
+    report = (tmp / "ft" / "report.md").read_text()
+    assert "| pretrained | 100% | av | 4 |" in report and "±" in report
+    assert (tmp / "ft" / "confusion_pretrained.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_epoch_is_selected_on_validation(trained):
+    tmp, _, _, result = trained
+    for u in result.units:
+        rows = [json.loads(x) for x in (tmp / "ft" / "units" / u.unit / "metrics.jsonl").read_text().splitlines()]
+        vals = [r["val/uar"] for r in rows]
+        assert u.best_epoch == 1 + int(np.argmax(vals))  # first best validation epoch
+        assert u.val == pytest.approx(max(vals))
+
+
+def test_classifier_checkpoint_records_parents_task_and_fold(trained):
+    tmp, _, _, result = trained
+    unit = next(u for u in result.units if u.unit.startswith("pretrained/"))
+    ckpt = torch.load(unit.checkpoint, weights_only=True)
+    assert ckpt["kind"] == "classifier"
+    assert ckpt["parents"]["audio_tokenizer"] == "a" * 64 and len(ckpt["parents"]["mae"]) == 64
+    assert ckpt["extra"]["task"] == {"kind": "classify", "names": list(CLASSES)}
+    assert ckpt["extra"]["test_speakers"] and ckpt["extra"]["variant"] == "pretrained"
+    preds = (tmp / "ft" / "units" / unit.unit / "predictions.csv").read_text().splitlines()
+    assert preds[0].startswith("mode,clip_id,speaker,target,prediction,neutral,happy,sad")
+    assert len(preds) == 1 + 6 + 6 + 5  # av, audio, visual rows
+
+
+def test_rerun_skips_finished_units(trained):
+    tmp, store, cfg, result = trained
+
+    class Boom(Reporter):
+        def start(self, name, total):
+            raise AssertionError(f"retrained {name}")
+
+    again = finetune(store, cfg, tmp / "ft", mae=tmp / "pre" / "mae.pt", reporter=Boom())
+    assert [u.to_dict() for u in again.units] == [u.to_dict() for u in result.units]
+
+
+def test_interrupted_unit_resumes_exactly(trained, tmp_path):
+    tmp, store, cfg, _ = trained
+    cfg = load_config("tiny", OVERRIDES + ["finetune.inits=scratch", "finetune.folds=4"])
+    full = finetune(store, cfg, tmp_path / "full")
+
+    class Stop(Reporter):
+        def advance(self, name, n=1, **fields):
+            if name.endswith("fold1") and fields:
+                raise KeyboardInterrupt  # after the first epoch of the second unit
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(store, cfg, tmp_path / "part", reporter=Stop())
+    assert (tmp_path / "part" / "units" / "scratch" / "frac1" / "fold1" / "last.pt").exists()
+    resumed = finetune(store, cfg, tmp_path / "part")
+    assert [u.to_dict()["metrics"] for u in resumed.units] == [u.to_dict()["metrics"] for u in full.units]
+    assert not list((tmp_path / "part").rglob("last.pt"))
+
+
+def test_other_tokenizer_and_other_config_are_refused(trained, tmp_path):
+    tmp, _, cfg, _ = trained
+    other = make_store(tmp_path / "o.zarr", sha="c" * 64)
+    with pytest.raises(FinetuneError, match=r"audio_tokenizer mismatch.*aaaaaaaaaaaa.*cccccccccccc"):
+        finetune(other, cfg, tmp_path / "run", mae=tmp / "pre" / "mae.pt")
+    with pytest.raises(FinetuneError, match="another config"):
+        finetune(tmp / "s.zarr", load_config("tiny", OVERRIDES + ["finetune.epochs=5"]), tmp / "ft",
+                 mae=tmp / "pre" / "mae.pt")
+    with pytest.raises(FinetuneError, match="--from-scratch"):
+        finetune(tmp / "s.zarr", cfg, tmp_path / "nomae")
+
+
+def test_label_fractions_noise_and_distillation(trained, tmp_path):
+    tmp, store, _, _ = trained
+    noisy = make_store(tmp_path / "n.zarr", flip=0.6)
+    cfg = load_config("tiny", OVERRIDES + ["finetune.label_fractions=0.2,1", "finetune.distill=true",
+                                           "finetune.eval_modalities=av,audio", "finetune.epochs=2"])
+    r = finetune(store, cfg, tmp_path / "run", mae=tmp / "pre" / "mae.pt", noisy_stores={0.0: noisy})
+    got = {(x["variant"], x["fraction"], x["eval"]) for x in r.summary["rows"]}
+    assert ("pretrained", 0.2, "av") in got and ("scratch", 0.2, "av") in got
+    assert ("pretrained", 1.0, "noise0dB/av") in got and ("scratch", 1.0, "noise0dB/audio") in got
+    assert ("student", 1.0, "audio") in got and ("audio_labels", 1.0, "audio") in got
+    assert not any(v in ("student", "audio_labels") and f == 0.2 for v, f, _ in got)
+    small = [u for u in r.units if "/frac0.2/" in u.unit]
+    assert all(u.n_train < 6 for u in small)  # 20% of 12 training clips, at least one per class
+    assert (tmp_path / "run" / "label_efficiency.png").exists()
+    bad = make_store(tmp_path / "b.zarr", n_speakers=3)
+    with pytest.raises(FinetuneError, match="noisy store"):
+        finetune(store, cfg, tmp_path / "run2", mae=tmp / "pre" / "mae.pt", noisy_stores={5.0: bad})
+
+
+@pytest.mark.parametrize("task,key", [("regress", "ccc"), ("multilabel", "macro_auc")])
+def test_regression_and_multilabel(trained, tmp_path, task, key):
+    _, store, _, _ = trained
+    cfg = load_config("tiny", OVERRIDES + [f"finetune.task={task}", "finetune.inits=scratch",
+                                           "finetune.targets=valence,arousal", "finetune.epochs=3"])
+    r = finetune(store, cfg, tmp_path / "run")
+    av = next(x for x in r.summary["rows"] if x["eval"] == "av")
+    assert av[key]["n"] == 4 and np.isfinite(av[key]["mean"])
+    if task == "regress":
+        assert r.summary["task"]["names"] == ["valence", "arousal"] and av["ccc"]["mean"] > 0.3
+    else:
+        assert r.summary["task"]["names"] == ["neutral", "happy", "sad", "angry"]
+
+
+def test_split_file_protocol(trained, tmp_path):
+    _, store, _, _ = trained
+    split = tmp_path / "split.csv"
+    split.write_text("speaker,fold\nspk0,a\nspk1,a\nspk2,b\nspk3,b\n")
+    cfg = load_config("tiny", OVERRIDES + ["finetune.inits=scratch", "finetune.epochs=1"])
+    r = finetune(store, cfg, tmp_path / "run", split_file=split)
+    assert [u.unit for u in r.units] == ["scratch/frac1/fold-a", "scratch/frac1/fold-b"]
+
+
+def test_cli_finetune_from_scratch(trained, tmp_path):
+    _, store, _, _ = trained
+    out = CliRunner().invoke(app, ["finetune", str(store), "--from-scratch", "--run", str(tmp_path / "run"),
+                                   "--preset", "tiny", *sum([["--set", o] for o in OVERRIDES], []),
+                                   "--set", "finetune.epochs=1", "--folds", "3"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["folds"] == 3 and {r["variant"] for r in summary["rows"]} == {"scratch"}
+    assert "UAR" in out.output
+    bad = CliRunner().invoke(app, ["finetune", str(store), "--from-scratch", "--label-fraction", "x",
+                                   "--run", str(tmp_path / "r2"), "--preset", "tiny"])
+    assert bad.exit_code == 2 and "label_fractions" in bad.output
