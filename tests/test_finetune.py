@@ -202,3 +202,41 @@ def test_cli_finetune_from_scratch(trained, tmp_path):
     bad = CliRunner().invoke(app, ["finetune", str(store), "--from-scratch", "--label-fraction", "x",
                                    "--run", str(tmp_path / "r2"), "--preset", "tiny"])
     assert bad.exit_code == 2 and "label_fractions" in bad.output
+
+
+def _ddp_worker(rank, world, store, run, port, overrides):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    finetune(store, load_config("tiny", overrides), run)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_equals_one_process(trained, tmp_path):
+    """Each rank trains on its half of every global batch: same selection, metrics and weights."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    _, store, _, _ = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = OVERRIDES + ["finetune.inits=scratch", "finetune.epochs=2", "finetune.folds=2"]
+    torch.set_num_threads(1)
+    one = finetune(store, load_config("tiny", overrides), tmp_path / "one")
+    tmp.spawn(_ddp_worker, args=(2, str(store), str(tmp_path / "ddp"), port, overrides), nprocs=2)
+    two = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    for a, b in zip(one.summary["units"], two["units"]):
+        assert a["best_epoch"] == b["best_epoch"] and a["unit"] == b["unit"]
+        assert b["metrics"]["av"]["uar"] == pytest.approx(a["metrics"]["av"]["uar"])
+        sa = torch.load(a["checkpoint"], weights_only=True)["state_dict"]
+        sb = torch.load(b["checkpoint"], weights_only=True)["state_dict"]
+        for k in sa:
+            if k.endswith("attn.kv.bias"):  # see tests/test_pretrain.py: only the value half counts
+                sa[k], sb[k] = sa[k][32:], sb[k][32:]
+            assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-5), k

@@ -323,14 +323,18 @@ def _optimizer(model: EmotionModel, fcfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 def _drop_for_training(batch: dict[str, torch.Tensor], names: Sequence[str], p: float,
-                       force_audio_only: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+                       force_audio_only: bool, gen: torch.Generator, info: Dist
+                       ) -> dict[str, torch.Tensor]:
+    """Modality dropout; the draws are made for the global batch and sliced per rank, so a sample's
+    fate does not depend on the number of processes."""
     if force_audio_only:
         return restrict(batch, "audio", names)
     if len(names) != 2 or p <= 0:
         return batch
-    has = {m: batch[f"{m}_valid"].any(1) for m in names}  # [B]
+    has = {m: batch[f"{m}_valid"].any(1) for m in names}  # [b]
     both = has["audio"] & has["visual"]
-    u = torch.rand(both.shape, generator=gen).to(both.device)
+    b = both.shape[0]
+    u = torch.rand(b * info.world_size, generator=gen)[info.rank * b:(info.rank + 1) * b].to(both.device)
     batch = drop_modality(batch, "visual", both & (u < p / 2))
     return drop_modality(batch, "audio", both & (u >= p / 2) & (u < p))
 
@@ -441,7 +445,8 @@ class Trainer:
                 gen.manual_seed(seed * 7919 + step)  # a pure function of the step: resumable
                 rows, starts = plan.batch(step, fcfg.batch_size, info.rank, info.world_size)
                 batch = self.data.batch(rows, starts, device)
-                batch = _drop_for_training(batch, self.bb.names, fcfg.modality_dropout, audio_only, gen)
+                batch = _drop_for_training(batch, self.bb.names, fcfg.modality_dropout, audio_only, gen,
+                                           info)
                 y = _batch_targets(self.task, self.y, rows, device)
                 with ctx:
                     out = net(batch)
