@@ -13,7 +13,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -43,9 +43,15 @@ inspect:
 pretrain:  ## stage 2 on STORE (tiny preset: ~4 min on two CPU cores)
 	$(BIN)/vqmae pretrain $(STORE) --preset $(PRESET) --device $(DEVICE) --run-dir $(RUN)/pretrain
 
-demo:  ## synth → tokenize → store summary → pretrain (tiny preset, ~7 min on two CPU cores)
-	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain
-	$(MAKE) synth tokenize inspect pretrain
+FRACTIONS ?= 0.25,1
+
+finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch, label fractions FRACTIONS
+	$(BIN)/vqmae finetune $(STORE) --mae $(RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
+		--label-fraction $(FRACTIONS) --run $(RUN)/finetune
+
+demo:  ## synth → tokenize → store summary → pretrain → finetune (tiny preset, on two CPU cores)
+	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain $(RUN)/finetune
+	$(MAKE) synth tokenize inspect pretrain finetune
 
 bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
