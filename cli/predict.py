@@ -1,0 +1,128 @@
+"""`vqmae predict MEDIA... --model classifier.pt`: emotion scores for new clips, as a table, JSON, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import RichReporter, console, err_console, setup_logging
+from vqmae.ingest import Failure
+from vqmae.predict import MODES, Prediction, PredictError, Predictor, PredictResult
+from vqmae.utils import atomic_write_bytes, resolve_device
+
+
+def predict(
+    media: Annotated[list[Path], typer.Argument(help="Media files (video or audio) or folders of them.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A classifier checkpoint (runs/.../classifier.pt).")],
+    tokenizers: Annotated[Optional[Path], typer.Option(help="Directory with audio_vqvae.pt / visual_vqvae.pt, when the paths recorded in the classifier moved.")] = None,
+    modality: Annotated[str, typer.Option(help="auto (what the file has; no face → audio), av, audio or visual.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per clip (and window, with --timeline) here.")] = None,
+    timeline: Annotated[bool, typer.Option("--timeline", help="Also show and write each window's scores.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: in this process, no crash isolation).")] = 1,
+    face: Annotated[Optional[str], typer.Option(help="Face detector override: auto, fan, haar or none.")] = None,
+    batch: Annotated[int, typer.Option(help="Windows per model batch (shared across files).")] = 64,
+    verbose: bool = False,
+) -> None:
+    """Score new media with one fine-tuned emotion classifier. Exit code 1 if any file failed,
+    2 if the model (or an option) cannot be used."""
+    setup_logging(verbose)
+    if modality not in MODES:
+        err_console.print(f"[red]error:[/red] --modality {modality!r}: expected one of {', '.join(MODES)}")
+        raise typer.Exit(2)
+    try:
+        predictor = Predictor.load(model, device=resolve_device(device), tokenizers=tokenizers,
+                                   face_mode=face, batch_windows=max(1, batch))
+        with RichReporter(err_console) as reporter:
+            result = predictor.predict_many(media, modality=modality, workers=workers, reporter=reporter)
+    except (PredictError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print(result, predictor, timeline)
+    if json_out is not None:
+        atomic_write_bytes(json_out, (json.dumps(to_json(result, predictor, modality, timeline),
+                                                 indent=2) + "\n").encode())
+        console.print(f"wrote {json_out}")
+    if csv_out is not None:
+        atomic_write_bytes(csv_out, to_csv(result, predictor.names, timeline).encode())
+        console.print(f"wrote {csv_out}")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
+    kind = predictor.task_kind
+    table = Table(title=f"{kind}: {', '.join(predictor.names)} — {predictor.path}")
+    table.add_column("file", overflow="fold")
+    table.add_column("modality")
+    if kind == "regress":
+        for name in predictor.names:
+            table.add_column(name, justify="right")
+    else:
+        table.add_column("top")
+        table.add_column("probability", justify="right")
+        table.add_column("others")
+    for p in result.predictions:
+        if kind == "regress":
+            table.add_row(p.path, p.modality, *[f"{v:+.3f}" for v in p.scores])
+        else:
+            others = sorted(((float(s), n) for n, s in zip(p.names, p.scores) if n != p.top), reverse=True)
+            table.add_row(p.path, p.modality, p.top, f"{p.top_score:.3f}",
+                          "  ".join(f"{n} {s:.3f}" for s, n in others))
+    console.print(table)
+    for p in result.predictions:
+        for w in p.warnings:
+            console.print(f"[yellow]warning:[/yellow] {p.path}: {w}")
+        if timeline:
+            _print_timeline(p)
+    if result.failures:
+        console.print(f"[red]{len(result.failures)} failed:[/red]")
+        for f in result.failures:
+            console.print(f"  [red]✗[/red] {f.path}: {f.stage}: {f.reason}")
+    console.print(f"{len(result.predictions)} scored, {len(result.failures)} failed")
+
+
+def _print_timeline(p: Prediction) -> None:
+    table = Table(title=f"{p.path} — per window")
+    table.add_column("start (s)", justify="right")
+    for name in p.names:
+        table.add_column(name, justify="right")
+    for start, scores in zip(p.starts, p.window_scores):
+        table.add_row(f"{start:.2f}", *[f"{v:.3f}" for v in scores])
+    console.print(table)
+
+
+def to_json(result: PredictResult, predictor: Predictor, modality: str, timeline: bool) -> dict[str, Any]:
+    return {"model": str(predictor.path), "task": predictor.task_kind, "names": list(predictor.names),
+            "modality": modality,
+            "predictions": [p.to_dict(timeline=timeline) for p in result.predictions],
+            "failures": [_failure_dict(f) for f in result.failures]}
+
+
+def _failure_dict(f: Failure) -> dict[str, str]:
+    return {"path": f.path, "status": "failed", "stage": f.stage, "reason": f.reason}
+
+
+def to_csv(result: PredictResult, names: tuple[str, ...], timeline: bool) -> str:
+    """path,status,start,modality,top,<one column per name>,message: a row per clip (start empty),
+    per window with `timeline` (start in seconds), per failure (message = stage: reason)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "status", "start", "modality", "top", *names, "message"])
+    for p in result.predictions:
+        w.writerow([p.path, "ok", "", p.modality, p.top or "", *[f"{v:.6g}" for v in p.scores],
+                    "; ".join(p.warnings)])
+        if timeline:
+            for start, scores in zip(p.starts, p.window_scores):
+                top = "" if p.top is None else names[int(scores.argmax())]
+                w.writerow([p.path, "ok", f"{start:.4f}", p.modality, top, *[f"{v:.6g}" for v in scores], ""])
+    for f in result.failures:
+        w.writerow([f.path, "failed", "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
+    return buf.getvalue()

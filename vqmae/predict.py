@@ -1,0 +1,562 @@
+"""Emotion scores for new media from one stage-3 classifier checkpoint (DESIGN.md §4, `vqmae predict`).
+
+    Predictor.load(classifier.pt) → predictor.predict(media | arrays | codes) → Prediction
+                                  → predictor.predict_many([files, folders]) → PredictResult
+
+Everything is rebuilt from what the checkpoint recorded, never from today's flags: the model from
+its stored MAE config, dims and fine-tuning settings; the tokenizers from the paths stage 1 wrote
+into the store (or a directory given with ``tokenizers=``), each checked against the sha256 the
+classifier names as its parent; the audio / video features from the tokenizers' own configs
+(`vqmae.tokenize.feature_config`), so new media are encoded exactly as the training store was.
+
+Scoring is the test-time rule of `vqmae.finetune.predict_clips`: a clip is cut into non-overlapping
+windows of the model's length from frame 0 (the last one padded, its padding invalid), the model's
+outputs (logits, or values for regression) are averaged over the windows, and only then turned into
+scores (softmax for classify, a sigmoid per label for multilabel, the values for regress).
+
+Modalities (``modality=``): ``auto`` scores whatever the input has among the model's modalities;
+``av`` demands both; ``audio`` / ``visual`` score that one alone (the other is never decoded and is
+absent for the model, as `drop_modality` makes it). In ``auto`` mode a video where no face is found
+falls back to audio alone with a warning kept in the `Prediction`; every other problem with one
+input is a `Failure` naming the file, and `predict_many` goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from vqmae.audio import SilentAudioError, frames_for_samples, peak_normalize, power_spectrogram, \
+    samples_per_video_frame
+from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, load_tokenizer
+from vqmae.classifier import EmotionModel, drop_modality
+from vqmae.config import Config, ConfigError, MAEConfig, _from_dict, set_key
+from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
+from vqmae.ingest import ClipData, Failure, ingest
+from vqmae.mae import MAEDims
+from vqmae.pretrain import batch_dict
+from vqmae.store import ModalitySpec
+from vqmae.tokenize import CKPT_NAMES, LoadedTokenizer, encode_frames, feature_config, load_tokenizers
+from vqmae.training import Reporter, autocast_context
+from vqmae.windows import gather, make_batch, tile_windows, window_geometry
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "av", "audio", "visual")
+TASK_KINDS = ("classify", "multilabel", "regress")
+ARRAYS = "<arrays>"  # the `path` of a prediction made from arrays rather than a file
+# A face found in fewer frames than this (tracked boxes fill the rest) is worth a warning.
+LOW_FACE_RATE = 0.5
+# Audio and video lengths differing by more than this (s) are worth a warning (AAC padding is ~0.1 s).
+AV_OFFSET_WARN = 0.2
+
+
+class PredictError(RuntimeError):
+    """A classifier (or its tokenizers) that cannot be used; the message names the file and why."""
+
+
+class InputError(ValueError):
+    """One input that cannot be scored: '<path>: <reason>'."""
+
+    def __init__(self, path: str, reason: str, stage: str = "input"):
+        self.path, self.reason, self.stage = path, reason, stage
+        super().__init__(f"{path}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Prediction:
+    """Scores of one input.
+
+    scores float32 [C] (classify: probabilities summing to 1; multilabel: one probability per
+    label; regress: the predicted values), in ``names`` order; ``top`` the highest-scoring name
+    (None for regress); timeline: ``starts`` float64 [W] window starts in seconds and
+    ``window_scores`` float32 [W, C] each window's own scores; ``modality`` what was scored
+    (av, audio or visual); ``warnings`` anything the user should know about this result.
+    """
+
+    path: str
+    task: str
+    names: tuple[str, ...]
+    scores: np.ndarray
+    top: str | None
+    modality: str
+    duration: float  # seconds covered by the windows' valid frames (rounded up to a grid step)
+    starts: np.ndarray
+    window_scores: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def top_score(self) -> float | None:
+        return None if self.top is None else float(self.scores[self.names.index(self.top)])
+
+    def to_dict(self, timeline: bool = True) -> dict[str, Any]:
+        out = {"path": self.path, "status": "ok", "task": self.task, "modality": self.modality,
+               "top": self.top, "top_score": self.top_score, "duration": round(self.duration, 4),
+               "scores": _named(self.names, self.scores), "warnings": list(self.warnings)}
+        if timeline:
+            out["timeline"] = [{"start": round(float(s), 4), "scores": _named(self.names, w)}
+                               for s, w in zip(self.starts, self.window_scores)]
+        return out
+
+
+def _named(names: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    return {n: float(v) for n, v in zip(names, values)}
+
+
+@dataclass
+class PredictResult:
+    """`predict_many`'s answer: predictions and failures, each in input order."""
+
+    predictions: list[Prediction]
+    failures: list[Failure]
+
+
+@dataclass
+class _Clip:
+    """One input, encoded: codes[m] uint16 [T_m, K_m] for the modalities scored, mode and notes."""
+
+    path: str
+    codes: dict[str, np.ndarray]
+    mode: str
+    warnings: list[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# the predictor
+
+
+class Predictor:
+    """A classifier rebuilt from its checkpoint, with the tokenizers that made its training store."""
+
+    def __init__(self, model: EmotionModel, task: Mapping[str, Any], tokenizers: dict[str, LoadedTokenizer],
+                 cfg: Config, window_seconds: float, device: str, path: Path, batch_windows: int = 64):
+        self.model = model.to(device).eval()
+        self.task_kind = str(task["kind"])
+        self.names_out = tuple(task["names"])
+        self.tokenizers = tokenizers
+        self.cfg = cfg  # decoding settings: the tokenizers' features, the classifier run's face settings
+        self.device = device
+        self.path = path
+        self.batch_windows = batch_windows
+        self.modalities: tuple[str, ...] = tuple(model.names)
+        self.specs = {m: ModalitySpec(m, t.model.codebook_size, tuple(t.model.grid),
+                                      float(t.model.frame_rate), t.sha256)
+                      for m, t in tokenizers.items()}
+        mode = "av" if len(self.modalities) == 2 else self.modalities[0]
+        self.geom = window_geometry(self.specs, mode, window_seconds)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu",
+             tokenizers: str | os.PathLike | None = None, face_mode: str | None = None,
+             batch_windows: int = 64) -> "Predictor":
+        """Rebuild the classifier at `path` and its tokenizers (from the recorded paths, or from the
+        directory `tokenizers` holding audio_vqvae.pt / visual_vqvae.pt), checking each tokenizer's
+        sha256 against the classifier's parents. `face_mode` (auto, fan, haar, none) overrides the
+        face detector the classifier's run used. Raises PredictError naming the file and the reason.
+        """
+        path = Path(path)
+        try:
+            ckpt = load_checkpoint(path, kind="classifier")
+        except CheckpointError as e:
+            raise PredictError(str(e)) from None
+        try:
+            cfg, mae_cfg, dims, task = _stored_settings(ckpt)
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise PredictError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
+                               f"unreadable); was it written by `vqmae finetune`?") from None
+        model = EmotionModel(mae_cfg, dims, len(task["names"]), cfg.finetune.pooling, cfg.finetune.dropout)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise PredictError(f"{path}: weights do not fit the model built from its stored config: "
+                               f"{e}") from None
+        toks = _load_checked_tokenizers(path, ckpt, tuple(model.names), tokenizers, device)
+        _check_dims(path, dims, toks, mae_cfg.window_seconds)
+        cfg = feature_config(cfg, toks)
+        if face_mode is not None:
+            cfg = _with_face_mode(cfg, face_mode)
+        log.info("%s: %s over %s, %s", path, task["kind"], list(task["names"]), list(model.names))
+        return cls(model, task, toks, cfg, mae_cfg.window_seconds, device, path, batch_windows)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Output names: classes, labels or regression targets."""
+        return self.names_out
+
+    # -- one input ---------------------------------------------------------------------------
+
+    def predict(self, source: str | os.PathLike | Mapping[str, np.ndarray], *,
+                modality: str = "auto") -> Prediction:
+        """Scores for one media file, or arrays: ``{"audio": float [n] waveform at the tokenizer's
+        sample rate, "faces": uint8 [T, S, S, 3] face crops}`` (either or both), or precomputed codes
+        ``{"audio": int [Ta, K] or [Ta, *grid], "visual": int [Tv, K] or [Tv, *grid]}``.
+        Raises InputError (or `vqmae.ingest.ClipError`) naming the file and the reason."""
+        self._check_mode(modality)
+        if isinstance(source, Mapping):
+            clip = self._from_arrays(source, modality)
+        else:
+            clip = self._from_file(Path(source), modality)
+        return self._score([clip])[0]
+
+    def _from_file(self, path: Path, modality: str) -> _Clip:
+        info = _clip_info(path, 0)
+        want = self._decode_modalities(modality)
+        outcome = next(ingest([info], self.cfg, want, workers=0))
+        return self._encoded(info, outcome[1], outcome[2], modality, workers=0)
+
+    # -- many files --------------------------------------------------------------------------
+
+    def predict_many(self, paths: Iterable[str | os.PathLike], *, modality: str = "auto",
+                     workers: int = 0, batch_windows: int | None = None,
+                     reporter: Reporter = Reporter()) -> PredictResult:
+        """Score every media file of `paths` (a folder stands for its media files, recursively, in
+        sorted order). Decoding runs in `workers` crash-isolated processes (0: in this process);
+        windows of several files share a model batch of `batch_windows`. A file that cannot be
+        scored becomes a `Failure` (path, stage, reason) and the others go on."""
+        self._check_mode(modality)
+        files, failures = expand_paths(paths)
+        infos = [_clip_info(p, i) for i, p in enumerate(files)]
+        batch = batch_windows or self.batch_windows
+        done: dict[int, Prediction] = {}
+        failed: dict[int, Failure] = {}
+        pending: list[tuple[int, _Clip]] = []
+        reporter.start("predict", len(infos))
+        for info, data, failure in ingest(infos, self.cfg, self._decode_modalities(modality),
+                                          workers=workers):
+            index = int(info.clip_id)
+            try:
+                pending.append((index, self._encoded(info, data, failure, modality, workers)))
+            except Exception as e:  # noqa: BLE001 - one file's problem must not stop the others
+                log.debug("%s failed", info.path, exc_info=True)
+                failed[index] = _failure(info.path, e)
+            if sum(self._n_windows(c) for _, c in pending) >= batch:
+                done.update(self._flush(pending, failed))
+                pending = []
+            reporter.advance("predict")
+        done.update(self._flush(pending, failed))
+        reporter.finish("predict")
+        return PredictResult([done[i] for i in sorted(done)],
+                             failures + [failed[i] for i in sorted(failed)])
+
+    def _flush(self, pending: list[tuple[int, _Clip]], failed: dict[int, Failure]) -> dict[int, Prediction]:
+        try:
+            return dict(zip([i for i, _ in pending], self._score([c for _, c in pending])))
+        except InputError:  # one bad clip in a batch: score one by one to find it
+            out = {}
+            for i, c in pending:
+                try:
+                    out[i] = self._score([c])[0]
+                except InputError as e:
+                    failed[i] = _failure(c.path, e)
+            return out
+
+    # -- decoding and encoding ---------------------------------------------------------------
+
+    def _check_mode(self, modality: str) -> None:
+        if modality not in MODES:
+            raise ValueError(f"modality {modality!r}: expected one of {list(MODES)}")
+        if modality == "av" and len(self.modalities) < 2:
+            raise ValueError(f"modality 'av': the classifier {self.path} is {self.modalities[0]}-only")
+        if modality in ("audio", "visual") and modality not in self.modalities:
+            raise ValueError(f"modality {modality!r}: the classifier {self.path} takes "
+                             f"{list(self.modalities)}")
+
+    def _decode_modalities(self, modality: str) -> tuple[str, ...]:
+        return self.modalities if modality in ("auto", "av") else (modality,)
+
+    def _encoded(self, info: ClipInfo, data: ClipData | None, failure: Failure | None, modality: str,
+                 workers: int) -> _Clip:
+        """Codes of a decoded file; in auto mode a video without a face is decoded again for its
+        audio alone, with a warning."""
+        warnings: list[str] = []
+        if failure is not None and failure.stage == "faces" and modality == "auto" \
+                and "audio" in self.modalities:
+            warnings.append(f"no face found ({failure.reason}); scored on audio alone")
+            log.warning("%s: %s", info.path, warnings[-1])
+            _, data, failure = next(ingest([info], self.cfg, ("audio",), workers=workers))
+        if failure is not None:
+            raise InputError(failure.path, failure.reason, failure.stage)
+        codes = {}
+        if data.spec is not None:
+            codes["audio"] = encode_frames(self.tokenizers["audio"].model, "audio", data.spec, self.device)
+        if data.faces is not None:
+            codes["visual"] = encode_frames(self.tokenizers["visual"].model, "visual", data.faces,
+                                            self.device)
+            if data.face_rate < LOW_FACE_RATE:
+                warnings.append(f"face detected in only {data.face_rate:.0%} of the frames")
+        if data.faces is not None and data.spec is not None and abs(data.av_offset) > AV_OFFSET_WARN:
+            warnings.append(f"audio and video lengths differ by {data.av_offset:+.2f} s; audio "
+                            f"{'trimmed' if data.av_offset > 0 else 'zero-padded'} to the video")
+        return self._clip(info.path, codes, modality, warnings)
+
+    def _clip(self, path: str, codes: dict[str, np.ndarray], modality: str, warnings: list[str]) -> _Clip:
+        """Choose the scored modalities and keep only their codes."""
+        have = [m for m in self.modalities if m in codes and len(codes[m])]
+        if modality == "auto":
+            if not have:
+                raise InputError(path, f"has none of the classifier's modalities {list(self.modalities)}")
+            mode = "av" if len(have) == 2 else have[0]
+        else:
+            need = self.modalities if modality == "av" else (modality,)
+            missing = [m for m in need if m not in have]
+            if missing:
+                what = "no video track" if "visual" in missing and "audio" in have else f"no {missing} frames"
+                raise InputError(path, f"{what} for modality {modality!r}"
+                                 + (" (--modality auto falls back to audio)" if modality == "av" else ""))
+            mode = modality
+        keep = self.modalities if mode == "av" else (mode,)
+        return _Clip(path, {m: codes[m] for m in keep}, mode, warnings)
+
+    def _from_arrays(self, source: Mapping[str, np.ndarray], modality: str) -> _Clip:
+        """Codes from waveform / face arrays, or checked precomputed codes."""
+        keys = set(source)
+        unknown = keys - {"audio", "faces", "visual"}
+        if unknown or not keys:
+            raise InputError(ARRAYS, f"keys {sorted(keys)}: expected audio and/or faces (media), or "
+                                     f"audio and/or visual (codes)")
+        audio = source.get("audio")
+        is_codes = "visual" in keys or (audio is not None and np.ndim(audio) >= 2)
+        if is_codes and "faces" in keys:
+            raise InputError(ARRAYS, "give either media arrays (audio waveform, faces) or codes "
+                                     "(audio, visual), not a mix")
+        codes = self._check_codes(source) if is_codes else self._encode_arrays(source, modality)
+        return self._clip(ARRAYS, codes, modality, [])
+
+    def _check_codes(self, source: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for m, x in source.items():
+            if m not in self.specs:
+                raise InputError(ARRAYS, f"{m} codes given but the classifier takes {list(self.modalities)}")
+            spec = self.specs[m]
+            x = np.asarray(x)
+            if x.ndim < 2 or math.prod(x.shape[1:]) != spec.n_tokens or not np.issubdtype(x.dtype, np.integer):
+                raise InputError(ARRAYS, f"{m} codes: expected integers [T, {spec.n_tokens}] or "
+                                         f"[T, {', '.join(map(str, spec.grid))}], got {x.dtype} {list(x.shape)}")
+            if x.size and (x.min() < 0 or x.max() >= spec.codebook_size):
+                raise InputError(ARRAYS, f"{m} codes outside [0, {spec.codebook_size}): "
+                                         f"min {x.min()}, max {x.max()}")
+            out[m] = x.reshape(len(x), spec.n_tokens).astype(np.uint16)
+        return out
+
+    def _encode_arrays(self, source: Mapping[str, np.ndarray], modality: str) -> dict[str, np.ndarray]:
+        use_faces = modality != "audio" and "visual" in self.modalities and source.get("faces") is not None
+        use_audio = modality != "visual" and "audio" in self.modalities and source.get("audio") is not None
+        codes = {}
+        n_video = None
+        if use_faces:
+            faces = _check_faces(source["faces"], self.cfg.face.size)
+            codes["visual"] = encode_frames(self.tokenizers["visual"].model, "visual", faces, self.device)
+            n_video = len(faces)
+        if use_audio:
+            spec = spectrogram_frames(np.asarray(source["audio"]), self.cfg, n_video)
+            codes["audio"] = encode_frames(self.tokenizers["audio"].model, "audio", spec, self.device)
+        return codes
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def _n_windows(self, clip: _Clip) -> int:
+        return max(1, -(-self._steps(clip) // self.geom.window_steps))
+
+    def _steps(self, clip: _Clip) -> int:
+        """The clip's duration in window-grid steps (as `ClipWindows.steps`)."""
+        return max(-(-len(c) // self.geom.ratio[m]) for m, c in clip.codes.items())
+
+    @torch.no_grad()
+    def _score(self, clips: Sequence[_Clip]) -> list[Prediction]:
+        """Every window of every clip through the model, outputs averaged per clip (exactly
+        `vqmae.finetune.predict_clips`), then turned into scores."""
+        geom = self.geom
+        steps = np.array([self._steps(c) for c in clips], np.int64)
+        win_clip, win_starts = tile_windows(np.arange(len(clips)), steps, geom.window_steps)
+        src, first, avail = {}, {}, {}
+        for m in self.modalities:  # clips' codes concatenated, as rows of a store
+            parts = [c.codes.get(m, np.zeros((0, self.specs[m].n_tokens), np.uint16)) for c in clips]
+            length = np.array([len(p) for p in parts], np.int64)
+            offset = np.cumsum(length) - length
+            src[m] = np.concatenate(parts)
+            frames = win_starts * geom.ratio[m]
+            first[m], avail[m] = offset[win_clip] + frames, length[win_clip] - frames
+        # which windows lose which modality: the clip's mode keeps only its own
+        drop = {m: torch.from_numpy(np.array([c.mode not in ("av", m) for c in clips])[win_clip])
+                for m in self.modalities}
+        outs = []
+        with autocast_context(self.device):
+            for a in range(0, len(win_clip), self.batch_windows):
+                sl = slice(a, a + self.batch_windows)
+                parts = {m: gather(src[m], first[m][sl], avail[m][sl], geom.frames[m]) for m in self.modalities}
+                batch = batch_dict(make_batch(win_clip[sl], win_starts[sl], parts, self.specs), self.device)
+                for m in self.modalities:
+                    if drop[m][sl].any():
+                        batch = drop_modality(batch, m, drop[m][sl].to(self.device))
+                outs.append(self.model(batch).float().cpu())
+        win = torch.cat(outs).numpy()  # [n_windows, C]
+        if not np.isfinite(win).all():
+            bad = sorted({clips[i].path for i in win_clip[~np.isfinite(win).all(1)]})
+            raise InputError(bad[0], "the model produced non-finite outputs")
+        mean = np.zeros((len(clips), win.shape[1]), np.float64)
+        np.add.at(mean, win_clip, win)
+        mean = (mean / np.bincount(win_clip, minlength=len(clips))[:, None]).astype(np.float32)
+        return [self._prediction(c, mean[i], win_starts[win_clip == i], win[win_clip == i], steps[i])
+                for i, c in enumerate(clips)]
+
+    def _prediction(self, clip: _Clip, logits: np.ndarray, starts: np.ndarray, win: np.ndarray,
+                    steps: int) -> Prediction:
+        scores = activate(self.task_kind, logits)
+        top = None if self.task_kind == "regress" else self.names_out[int(np.argmax(scores))]
+        return Prediction(clip.path, self.task_kind, self.names_out, scores, top, clip.mode,
+                          steps / self.geom.step_rate, starts / self.geom.step_rate,
+                          activate(self.task_kind, win), list(clip.warnings))
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def activate(kind: str, outputs: np.ndarray) -> np.ndarray:
+    """Model outputs [..., C] → scores: softmax (classify), sigmoid (multilabel), identity (regress)."""
+    x = torch.from_numpy(np.asarray(outputs, np.float32))
+    if kind == "classify":
+        return torch.softmax(x, -1).numpy()
+    if kind == "multilabel":
+        return torch.sigmoid(x).numpy()
+    return x.numpy()
+
+
+def spectrogram_frames(wave: np.ndarray, cfg: Config, n_video: int | None = None) -> np.ndarray:
+    """A waveform float [n] at ``cfg.audio.sample_rate`` → power frames float32 [Ta, F], as
+    `vqmae.ingest.load_clip` makes them: fitted to ``n_video`` frames (Ta = 2 × n_video) when given,
+    peak-normalised, STFT."""
+    wave = np.asarray(wave, np.float32)
+    if wave.ndim != 1:
+        raise InputError(ARRAYS, f"audio waveform: expected mono float [n], got shape {list(wave.shape)}")
+    if n_video is not None:
+        target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
+        wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
+    n_frames = frames_for_samples(len(wave), cfg.audio)
+    if n_frames == 0:
+        raise InputError(ARRAYS, f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
+    x = torch.from_numpy(np.ascontiguousarray(wave))
+    if cfg.audio.peak_normalize:
+        try:
+            x = peak_normalize(x)
+        except SilentAudioError as e:
+            raise InputError(ARRAYS, str(e)) from None
+    return power_spectrogram(x, cfg.audio)[:n_frames].numpy().astype(np.float32, copy=False)
+
+
+def _check_faces(faces: np.ndarray, size: int) -> np.ndarray:
+    faces = np.asarray(faces)
+    if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[1:] != (size, size, 3) or not len(faces):
+        raise InputError(ARRAYS, f"faces: expected uint8 [T, {size}, {size}, 3] RGB crops, got "
+                                 f"{faces.dtype} {list(faces.shape)}")
+    return faces
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[Failure]]:
+    """Files to score, in the given order (a folder → its media files, recursively, sorted), and a
+    Failure for each path that does not exist or is not a media file."""
+    files, failures = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_EXTS)
+            if not found:
+                failures.append(Failure(str(p), "scan", f"no media files ({' '.join(MEDIA_EXTS)}) in this folder"))
+            files += found
+        elif not p.exists():
+            failures.append(Failure(str(p), "scan", "no such file"))
+        elif p.suffix.lower() not in MEDIA_EXTS:
+            failures.append(Failure(str(p), "scan", f"not a media file (expected one of {' '.join(MEDIA_EXTS)})"))
+        else:
+            files.append(str(p))
+    return files, failures
+
+
+def _clip_info(path: Path | str, index: int) -> ClipInfo:
+    path = str(path)
+    return ClipInfo(clip_id=str(index), path=path, dataset="predict", speaker="",
+                    has_video=Path(path).suffix.lower() in VIDEO_EXTS)
+
+
+def _failure(path: str, e: Exception) -> Failure:
+    if isinstance(e, InputError):
+        return Failure(e.path, e.stage, e.reason)
+    return Failure(path, "encode", str(e) or type(e).__name__)
+
+
+def _stored_settings(ckpt: Mapping[str, Any]) -> tuple[Config, MAEConfig, MAEDims, dict[str, Any]]:
+    """The classifier run's config, the MAE config and dims the model was built with, its task."""
+    extra = ckpt["extra"]
+    cfg = Config.from_dict(ckpt["config"])
+    mae_cfg = _from_dict(MAEConfig, dict(extra["mae_config"]), "mae_config.")
+    dims = MAEDims.from_dict(extra["dims"])
+    task = dict(extra["task"])
+    if task["kind"] not in TASK_KINDS or not task["names"]:
+        raise ValueError(f"'task' = {task}")
+    return cfg, mae_cfg, dims, task
+
+
+def _with_face_mode(cfg: Config, mode: str) -> Config:
+    try:
+        return set_key(cfg, "face.mode", mode)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _load_checked_tokenizers(path: Path, ckpt: Mapping[str, Any], modalities: Sequence[str],
+                             directory: str | os.PathLike | None, device: str) -> dict[str, LoadedTokenizer]:
+    """The tokenizers of `modalities`, each sha-checked against the classifier's parents."""
+    recorded = ckpt["extra"].get("tokenizers") or {}
+    parents = ckpt.get("parents") or {}
+    hint = "pass the directory holding the tokenizers that made the training store with --tokenizers DIR"
+    out = {}
+    for m in modalities:
+        want = parents.get(f"{m}_tokenizer") or (recorded.get(m) or {}).get("sha256")
+        if directory is not None:
+            tok_path = Path(directory) / CKPT_NAMES[m]
+            if not tok_path.is_file():
+                raise PredictError(f"{directory}: no {CKPT_NAMES[m]} (the {m} tokenizer of {path})")
+        elif (recorded.get(m) or {}).get("path"):
+            tok_path = Path(recorded[m]["path"])
+            if not tok_path.is_file():
+                raise PredictError(f"{path}: its {m} tokenizer {tok_path} (recorded at training) does "
+                                   f"not exist; {hint}")
+        else:
+            raise PredictError(f"{path}: records no {m} tokenizer path; {hint}")
+        got = checkpoint_sha256(tok_path)
+        if want and got != want:
+            raise PredictError(f"{tok_path}: {m} tokenizer sha256 {got} is not the one {path} was "
+                               f"trained on ({want}); {hint}")
+        try:
+            if directory is not None:
+                out[m] = load_tokenizers(Path(directory), (m,), device)[m]
+            else:
+                model, tok_ckpt = load_tokenizer(tok_path, device)
+                out[m] = LoadedTokenizer(model, tok_ckpt, got, tok_path.resolve())
+        except (CheckpointError, RuntimeError) as e:
+            raise PredictError(str(e)) from None
+    return out
+
+
+def _check_dims(path: Path, dims: MAEDims, toks: Mapping[str, LoadedTokenizer], window_seconds: float) -> None:
+    """The model's codebook sizes, grids and window frames agree with its tokenizers'."""
+    for m, t in toks.items():
+        d = dims.get(m)
+        frames = window_seconds * float(t.model.frame_rate)
+        if d is None or d.codebook_size != t.model.codebook_size or tuple(d.grid) != tuple(t.model.grid) \
+                or abs(d.frames - frames) > 1e-6:
+            raise PredictError(f"{path}: its {m} input {d} does not match the tokenizer {t.path} "
+                               f"(codebook {t.model.codebook_size}, grid {tuple(t.model.grid)}, "
+                               f"{frames:g} frames per {window_seconds:g} s window)")
