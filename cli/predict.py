@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -59,7 +60,9 @@ def predict(
 
 def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
     kind = predictor.task_kind
-    table = Table(title=f"{kind}: {', '.join(predictor.names)} — {predictor.path}")
+    base = _common_folder([p.path for p in result.predictions])
+    table = Table(title=f"{kind}: {', '.join(predictor.names)} — {predictor.path}",
+                  caption=f"files in {base}" if base else None)
     table.add_column("file", overflow="fold")
     table.add_column("modality")
     if kind == "regress":
@@ -71,10 +74,10 @@ def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
         table.add_column("others")
     for p in result.predictions:
         if kind == "regress":
-            table.add_row(p.path, p.modality, *[f"{v:+.3f}" for v in p.scores])
+            table.add_row(_short(p.path, base), p.modality, *[f"{v:+.3f}" for v in p.scores])
         else:
             others = sorted(((float(s), n) for n, s in zip(p.names, p.scores) if n != p.top), reverse=True)
-            table.add_row(p.path, p.modality, p.top, f"{p.top_score:.3f}",
+            table.add_row(_short(p.path, base), p.modality, p.top, f"{p.top_score:.3f}",
                           "  ".join(f"{n} {s:.3f}" for s, n in others))
     console.print(table)
     for p in result.predictions:
@@ -87,6 +90,18 @@ def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
         for f in result.failures:
             console.print(f"  [red]✗[/red] {f.path}: {f.stage}: {f.reason}")
     console.print(f"{len(result.predictions)} scored, {len(result.failures)} failed")
+
+
+def _common_folder(paths: list[str]) -> str:
+    """The folder all `paths` share (shown once, so the table's file column stays readable)."""
+    try:
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+    except ValueError:  # different drives
+        return ""
+
+
+def _short(path: str, base: str) -> str:
+    return os.path.relpath(os.path.abspath(path), base) if base else path
 
 
 def _print_timeline(p: Prediction) -> None:

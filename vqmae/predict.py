@@ -252,6 +252,8 @@ class Predictor:
                              failures + [failed[i] for i in sorted(failed)])
 
     def _flush(self, pending: list[tuple[int, _Clip]], failed: dict[int, Failure]) -> dict[int, Prediction]:
+        if not pending:
+            return {}
         try:
             return dict(zip([i for i, _ in pending], self._score([c for _, c in pending])))
         except InputError:  # one bad clip in a batch: score one by one to find it
