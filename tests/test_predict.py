@@ -18,7 +18,7 @@ from skimage.data import astronaut
 from typer.testing import CliRunner
 
 from cli.predict import predict as predict_cmd
-from tests.conftest import tone, write_video, write_wav
+from tests.conftest import write_video, write_wav
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from vqmae.config import load_config
 from vqmae.datasets import scan
