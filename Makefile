@@ -13,7 +13,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune predict bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -49,9 +49,17 @@ finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch, lab
 	$(BIN)/vqmae finetune $(STORE) --mae $(RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
 		--label-fraction $(FRACTIONS) --run $(RUN)/finetune
 
-demo:  ## synth → tokenize → store summary → pretrain → finetune (tiny preset, on two CPU cores)
+predict:  ## fold 0's pretrained model on the clips of its held-out speaker (never seen in training)
+	@test -f $(RUN)/finetune/folds.json || { echo "no $(RUN)/finetune/folds.json: run make finetune first"; exit 2; }
+	@SPK=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['test_speakers'][0])"); \
+	FOLD=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['name'])"); \
+	echo "held-out speaker $$SPK (true labels: $(DATA)/manifest.csv)"; \
+	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --device $(DEVICE) \
+		--model $(RUN)/finetune/units/pretrained/frac1/$$FOLD/classifier.pt --csv $(RUN)/predict.csv
+
+demo:  ## synth → tokenize → store summary → pretrain → finetune → predict (tiny preset, two CPU cores)
 	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain $(RUN)/finetune
-	$(MAKE) synth tokenize inspect pretrain finetune
+	$(MAKE) synth tokenize inspect pretrain finetune predict
 
 bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
