@@ -82,3 +82,12 @@ def test_overfits_a_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_top_level_api_resolves_every_export():
+    import vqmae
+
+    for name in vqmae._EXPORTS:
+        assert callable(getattr(vqmae, name)), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vqmae.nope  # noqa: B018

@@ -1,1 +1,30 @@
+"""vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.
+
+    import vqmae
+    p = vqmae.Predictor.load("classifier.pt"); p.predict("clip.mp4").top
+    store = vqmae.TokenStore.open("tokens.zarr"); ckpt = vqmae.load_checkpoint("mae.pt")
+
+The names below are imported on first use, so `import vqmae` stays light. The stage functions live
+in their modules (`vqmae.pretrain.pretrain`, `vqmae.finetune.finetune`), whose names they share.
+"""
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Predictor": "vqmae.predict", "Prediction": "vqmae.predict",
+    "TokenStore": "vqmae.store", "load_checkpoint": "vqmae.checkpoint",
+    "load_config": "vqmae.config", "Config": "vqmae.config",
+    "load_tokenizers": "vqmae.tokenize", "scan": "vqmae.datasets",
+    "EmotionModel": "vqmae.classifier", "MAEModel": "vqmae.mae",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vqmae' has no attribute {name!r}")
