@@ -232,7 +232,6 @@ class Unit:
     variant: str
     fraction: float
     fold: folds_mod.Fold
-    fold_index: int
 
     @property
     def name(self) -> str:
@@ -609,13 +608,7 @@ class Trainer:
 
 def _store_tokenizers(store: TokenStore) -> dict[str, Any]:
     """{modality: {"path", "sha256"}} recorded by `vqmae tokenize` in the store's attributes."""
-    try:
-        import zarr
-
-        attrs = dict(zarr.open_group(str(store.path), mode="r").attrs)
-        return dict(attrs.get("config", {}).get("tokenizers", {}))
-    except Exception:  # noqa: BLE001 - an older store: predict then needs the tokenizers given
-        return {}
+    return dict(store.attrs.get("config", {}).get("tokenizers", {}))  # {} for an older store
 
 
 def _flat_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -735,7 +728,7 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
             for variant in variants:
                 if variant in ("student", "audio_labels") and frac != largest:
                     continue
-                unit = Unit(variant, frac, fold, i)
+                unit = Unit(variant, frac, fold)
                 done = trainer.run / "units" / unit.name / "result.json"
                 # a student needs its teacher in memory: rerun the teacher if the student is not done
                 if done.exists() and not (variant == "pretrained" and fcfg.distill and frac == largest
@@ -785,7 +778,7 @@ def summarize(units: Sequence[UnitResult], cfg: Config, task: Task, fold_list, r
         agg = M.aggregate(per_fold)
         rows.append({"variant": variant, "fraction": frac, "eval": ev, "folds": len(per_fold),
                      **{k: agg.get(k) for k in keys}})
-    chance = _chance(task, units)
+    chance = _chance(task)
     summary = {"task": task.to_dict(), "protocol": cfg.finetune.protocol, "folds": len(fold_list),
                "mae": bb.mae_path, "rows": rows, "chance": chance,
                "units": [u.to_dict() for u in units]}
@@ -807,7 +800,7 @@ def _eval_order(ev: str) -> tuple[int, str]:
     return (EVAL_MODES.index(mode) if mode in EVAL_MODES else 9, noise)
 
 
-def _chance(task: Task, units: Sequence[UnitResult]) -> dict[str, float]:
+def _chance(task: Task) -> dict[str, float]:
     if task.kind == "classify":
         return {"uar": 1.0 / len(task.names)}
     if task.kind == "regress":
@@ -821,10 +814,10 @@ def _plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path, summ
     if task.kind == "classify":
         largest = max(cfg.finetune.label_fractions)
         for variant in VARIANTS:
-            mats = [np.asarray(u.metrics[ev]["confusion"]) for u in units
-                    for ev in ("av", "audio") if u.unit.startswith(f"{variant}/frac{largest:g}/")
-                    and ev in u.metrics and "confusion" in u.metrics[ev]
-                    and ev == ("audio" if variant in ("student", "audio_labels") else _first_eval(u))]
+            # each unit's first test mode: av (audio for the audio-only variants and backbones)
+            mats = [np.asarray(m["confusion"]) for u in units
+                    if u.unit.startswith(f"{variant}/frac{largest:g}/")
+                    for m in [next(iter(u.metrics.values()))] if "confusion" in m]
             if mats:
                 plots.confusion_png(np.sum(mats, 0), task.names, run / f"confusion_{variant}.png",
                                     f"{variant}: test clips of every fold")
@@ -838,6 +831,3 @@ def _plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path, summ
             curves[variant] = ([f for f, _ in sel], [s["mean"] for _, s in sel], [s["std"] for _, s in sel])
         plots.label_efficiency_png(curves, run / "label_efficiency.png", key.upper())
 
-
-def _first_eval(u: UnitResult) -> str:
-    return next(iter(u.metrics))

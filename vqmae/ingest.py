@@ -105,6 +105,37 @@ def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIE
     return out
 
 
+def spec_from_wave(wave: np.ndarray, cfg: Config, n_video: int | None = None, *,
+                   noise: NoiseSpec | None = None, key: str = "") -> tuple[np.ndarray, float]:
+    """A waveform float32 [n] at ``cfg.audio.sample_rate`` → power frames float32 [Ta, F] and the
+    audio − video length difference in seconds (0 without video).
+
+    With ``n_video`` the wave is trimmed or zero-padded to exactly that many video frames
+    (Ta = 2 × n_video); ``noise`` is added (keyed by ``key``, the clip id) before peak
+    normalisation. Unusable audio (shorter than a hop, silent) raises ValueError with the reason.
+    """
+    offset = 0.0
+    if n_video is not None:
+        target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
+        offset = (len(wave) - target) / cfg.audio.sample_rate
+        wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
+    n_frames = frames_for_samples(len(wave), cfg.audio)
+    if n_frames == 0:
+        raise ValueError(f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
+    if noise is not None:
+        from vqmae.noise import add_noise  # deferred: see the TYPE_CHECKING import
+
+        wave = add_noise(wave, noise, key)
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    if cfg.audio.peak_normalize:
+        try:
+            x = peak_normalize(x)
+        except SilentAudioError as e:
+            raise ValueError(str(e)) from None
+    spec = power_spectrogram(x, cfg.audio)[:n_frames]  # [Ta, F]
+    return spec.numpy().astype(np.float32, copy=False), offset
+
+
 def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None, *,
                noise: NoiseSpec | None = None) -> tuple[np.ndarray, float]:
     src = clip.audio_path or clip.path
@@ -112,32 +143,14 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None, *,
         wave = read_audio(src, cfg.audio.sample_rate)
     except MediaError as e:
         raise ClipError(e.path, "audio", e.reason) from None
-    offset = 0.0
-    if n_video is not None:
-        target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
-        offset = (len(wave) - target) / cfg.audio.sample_rate
-        wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
-        if abs(offset) > 0.2:  # AAC priming + end padding alone add ~0.1 s
-            log.warning("%s: audio and video lengths differ by %.3f s; audio %s to match the video",
-                        src, offset, "trimmed" if offset > 0 else "zero-padded")
-    n_frames = frames_for_samples(len(wave), cfg.audio)
-    if n_frames == 0:
-        raise ClipError(src, "audio", f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
-    if noise is not None:
-        from vqmae.noise import add_noise  # deferred: see the TYPE_CHECKING import
-
-        try:
-            wave = add_noise(wave, noise, clip.clip_id)
-        except ValueError as e:
-            raise ClipError(src, "audio", str(e)) from None
-    x = torch.from_numpy(wave)
-    if cfg.audio.peak_normalize:
-        try:
-            x = peak_normalize(x)
-        except SilentAudioError as e:
-            raise ClipError(src, "audio", str(e)) from None
-    spec = power_spectrogram(x, cfg.audio)[:n_frames]  # [Ta, F]
-    return spec.numpy().astype(np.float32, copy=False), offset
+    try:
+        spec, offset = spec_from_wave(wave, cfg, n_video, noise=noise, key=clip.clip_id)
+    except ValueError as e:
+        raise ClipError(src, "audio", str(e)) from None
+    if abs(offset) > 0.2:  # AAC priming + end padding alone add ~0.1 s
+        log.warning("%s: audio and video lengths differ by %.3f s; audio %s to match the video",
+                    src, offset, "trimmed" if offset > 0 else "zero-padded")
+    return spec, offset
 
 
 def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray, float]:

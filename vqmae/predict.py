@@ -33,13 +33,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from vqmae.audio import SilentAudioError, frames_for_samples, peak_normalize, power_spectrogram, \
-    samples_per_video_frame
 from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, load_tokenizer
 from vqmae.classifier import EmotionModel, drop_modality
 from vqmae.config import Config, ConfigError, MAEConfig, _from_dict, set_key
 from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
-from vqmae.ingest import ClipData, Failure, ingest
+from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
 from vqmae.mae import MAEDims
 from vqmae.pretrain import batch_dict
 from vqmae.store import ModalitySpec
@@ -444,19 +442,10 @@ def spectrogram_frames(wave: np.ndarray, cfg: Config, n_video: int | None = None
     wave = np.asarray(wave, np.float32)
     if wave.ndim != 1:
         raise InputError(ARRAYS, f"audio waveform: expected mono float [n], got shape {list(wave.shape)}")
-    if n_video is not None:
-        target = n_video * samples_per_video_frame(cfg.audio, cfg.video.fps)
-        wave = np.pad(wave, (0, max(0, target - len(wave))))[:target]
-    n_frames = frames_for_samples(len(wave), cfg.audio)
-    if n_frames == 0:
-        raise InputError(ARRAYS, f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
-    x = torch.from_numpy(np.ascontiguousarray(wave))
-    if cfg.audio.peak_normalize:
-        try:
-            x = peak_normalize(x)
-        except SilentAudioError as e:
-            raise InputError(ARRAYS, str(e)) from None
-    return power_spectrogram(x, cfg.audio)[:n_frames].numpy().astype(np.float32, copy=False)
+    try:
+        return spec_from_wave(wave, cfg, n_video)[0]
+    except ValueError as e:
+        raise InputError(ARRAYS, str(e)) from None
 
 
 def _check_faces(faces: np.ndarray, size: int) -> np.ndarray:
