@@ -207,6 +207,12 @@ class SynthConfig:
     seed: int = 0
     # Per-clip spread (intensity, pitch, rate, level, VAD jitter): 0 = every clip its class prototype.
     variability: float = 1.0
+    # Gain on how far each emotion moves voice and face away from neutral (1 = the profiles as
+    # written). Labels (valence / arousal / dominance) are not scaled: only the signal is.
+    expressiveness: float = 1.0
+    # How different the speakers look and sound, 0 (one face and voice) to 1 (pitch over
+    # 100-230 Hz, skin, hair and backdrop colours, face shape and placement, mirrored faces).
+    speaker_spread: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,8 @@ def validate(cfg: SynthConfig) -> None:
         (cfg.audio_rate in AAC_RATES, f"synth.audio_rate={cfg.audio_rate}: AAC needs one of {sorted(AAC_RATES)}"),
         (cfg.seed >= 0, f"synth.seed={cfg.seed}: must be >= 0"),
         (cfg.variability >= 0, f"synth.variability={cfg.variability}: must be >= 0"),
+        (cfg.expressiveness >= 0, f"synth.expressiveness={cfg.expressiveness}: must be >= 0"),
+        (0 <= cfg.speaker_spread <= 1, f"synth.speaker_spread={cfg.speaker_spread}: must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -245,21 +247,36 @@ def speaker_name(index: int) -> str:
 
 
 def make_speaker(cfg: SynthConfig, index: int) -> Speaker:
-    """Voice and appearance of speaker `index`; voices are spread evenly over 100-230 Hz."""
+    """Voice and appearance of speaker `index`; voices are spread evenly over 100-230 Hz.
+
+    `cfg.speaker_spread` pulls every trait toward a middle speaker (the draws are the same, so a
+    corpus at spread 1 is unchanged): at 0 all speakers share one face and voice."""
     rng = _rng(cfg, 0, index, 0)
+    k = cfg.speaker_spread
+
+    def toward(mid, drawn):
+        return float(mid + k * (drawn - mid))
+
     pos = (index + rng.uniform(0.2, 0.8)) / cfg.n_speakers  # in (0, 1), rising with the index
     hue = rng.uniform(0, 1, size=2)
+    formant_noise = rng.normal(0, 0.02)
+    rate, breath = rng.uniform(0.9, 1.1), rng.uniform(0.0, 0.06)
+    scale, aspect = rng.uniform(0.88, 1.08), rng.uniform(0.93, 1.07)
+    offset = (rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04))
+    skin = rng.uniform(0.82, 1.12, size=3)
+    hair = _HAIR[int(rng.integers(len(_HAIR)))]
+    chin, eye_spread = rng.uniform(-3.0, 3.0), rng.uniform(-1.5, 1.5)
+    pos = toward(0.5, pos)
     return Speaker(
         index=index, name=speaker_name(index), f0=float(100.0 * 2.3 ** pos),
-        formant_scale=float(0.92 + 0.22 * pos + rng.normal(0, 0.02)),
-        rate_scale=float(rng.uniform(0.9, 1.1)), breath=float(rng.uniform(0.0, 0.06)),
-        mirror=bool(index % 2), scale=float(rng.uniform(0.88, 1.08)),
-        aspect=float(rng.uniform(0.93, 1.07)),
-        offset=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.04, 0.04))),
-        skin=tuple(float(g) for g in rng.uniform(0.82, 1.12, size=3)),
-        hair=_HAIR[int(rng.integers(len(_HAIR)))],
-        background=(_hue_rgb(hue[0], 0.35, 0.85), _hue_rgb(hue[1], 0.5, 0.45)),
-        chin=float(rng.uniform(-3.0, 3.0)), eye_spread=float(rng.uniform(-1.5, 1.5)),
+        formant_scale=float(0.92 + 0.22 * pos + k * formant_noise),
+        rate_scale=toward(1.0, rate), breath=toward(0.03, breath),
+        mirror=bool(index % 2) and k >= 0.5, scale=toward(0.98, scale), aspect=toward(1.0, aspect),
+        offset=(toward(0.0, offset[0]), toward(0.0, offset[1])),
+        skin=tuple(toward(0.97, g) for g in skin),
+        hair=tuple(toward(1.0, g) for g in hair),
+        background=(_hue_rgb(hue[0], 0.35 * k, 0.85), _hue_rgb(hue[1], 0.5 * k, 0.45)),
+        chin=toward(0.0, chin), eye_spread=toward(0.0, eye_spread),
     )
 
 
@@ -309,8 +326,9 @@ def clip_params(cfg: SynthConfig, spec: ClipSpec, rng: np.random.Generator) -> C
     n_frames = max(1, int(round(seconds * FPS)))
     j = cfg.variability
     intensity = float(np.clip(1.0 + j * rng.uniform(-0.45, 0.15), 0.1, 1.5))
+    gain = intensity * cfg.expressiveness  # how far the signal moves; the labels use `intensity`
     base, target = EMOTIONS["neutral"], EMOTIONS[spec.label]
-    mix = {f.name: getattr(base, f.name) + intensity * (getattr(target, f.name) - getattr(base, f.name))
+    mix = {f.name: getattr(base, f.name) + gain * (getattr(target, f.name) - getattr(base, f.name))
            for f in dataclasses.fields(Emotion) if f.name not in ("vad", "face")}
     noise = rng.standard_normal(6) * j
     mix["pitch_st"] += 1.0 * noise[0]
@@ -319,10 +337,29 @@ def clip_params(cfg: SynthConfig, spec: ClipSpec, rng: np.random.Generator) -> C
     mix["loud_db"] += 1.5 * noise[3]
     mix["open_quotient"] = float(np.clip(mix["open_quotient"] + 0.03 * noise[4], 0.3, 0.85))
     mix["pause"] *= float(np.exp(0.15 * noise[5]))
-    face = tuple((x, y, dx * intensity, dy * intensity, s) for x, y, dx, dy, s in target.face)
+    for name, (lo, hi) in _EXTRAPOLATION_LIMITS.items():  # an expressiveness > 1 extrapolates
+        mix[name] = float(np.clip(mix[name], lo, hi))
+    face = tuple(_scaled_handle(h, gain) for h in target.face)
     emo = Emotion(**mix, vad=target.vad, face=face)
     vad = np.clip(intensity * np.array(target.vad) + 0.08 * j * rng.standard_normal(3), -1, 1)
     return ClipParams(n_frames, intensity, emo, tuple(float(round(v, 3)) for v in vad))
+
+
+# Physically sensible ranges for the profile fields, so an expressiveness above 1 cannot produce
+# a negative rate, a closed glottis or a folded face warp.
+_EXTRAPOLATION_LIMITS = {
+    "rate": (2.0, 8.0), "open_quotient": (0.3, 0.85), "breath": (0.0, 0.5), "jitter": (0.0, 0.04),
+    "shimmer": (0.0, 0.25), "formant": (0.85, 1.2), "pause": (0.3, 3.0), "tremor": (0.0, 1.5),
+    "mouth": (0.3, 1.8), "head": (0.2, 2.0), "jaw": (0.0, 0.6), "loud_db": (-20.0, 15.0),
+}
+
+
+def _scaled_handle(h: Handle, gain: float) -> Handle:
+    """A face handle's displacement times `gain`, capped at 1.5 σ: the backward map p - d·G(p)
+    folds (content crosses over itself) once |d| exceeds about 1.65 σ."""
+    x, y, dx, dy, s = h
+    k = min(gain, 1.5 * s / max(float(np.hypot(dx, dy)), 1e-9))
+    return (x, y, dx * k, dy * k, s)
 
 
 # --------------------------------------------------------------------------------------------------
