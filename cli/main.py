@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import finetune, ingest, inspect, predict, pretrain, reconstruct, synth, tokenize
+from cli import export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth, tokenize
 
 app = typer.Typer(
     help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
@@ -21,6 +21,7 @@ app.command("finetune")(finetune.finetune)
 app.command("predict")(predict.predict)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("inspect")(inspect.inspect)
+app.command("export")(export.export)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""`vqmae export CLASSIFIER.pt --out DIR`: TorchScript files that run with plain PyTorch / libtorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import console, err_console, setup_logging
+from vqmae.export import MANIFEST, ExportError, ExportResult, export_model
+from vqmae.utils import resolve_device
+
+
+def export(
+    classifier: Annotated[Path, typer.Argument(help="A classifier checkpoint (runs/.../classifier.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported files into.")],
+    tokenizers: Annotated[Optional[Path], typer.Option(help="Directory with audio_vqvae.pt / visual_vqvae.pt, when the paths recorded in the classifier moved.")] = None,
+    device: Annotated[str, typer.Option(help="Device the exported files will run on (the traced graph keeps it): cpu, cuda, ... or auto.")] = "cpu",
+    verbose: bool = False,
+) -> None:
+    """Export a fine-tuned classifier and its tokenizer encoders to TorchScript, each checked
+    against the eager model. Exit code 2 if the checkpoint cannot be exported."""
+    setup_logging(verbose)
+    try:
+        result = export_model(classifier, out, tokenizers=tokenizers, device=resolve_device(device))
+    except ExportError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print(result)
+
+
+def _print(result: ExportResult) -> None:
+    m = result.manifest
+    table = Table(title=f"{m['task']['kind']}: {', '.join(m['task']['names'])} — exported to {result.out_dir}",
+                  caption=f"torch {m['torch_version']}, device {m['device']}, "
+                          f"{m['window']['seconds']:g} s windows; load with torch.jit.load")
+    for col, justify in (("file", "left"), ("takes", "left"), ("returns", "left"),
+                         ("bytes", "right"), ("max |Δ| vs eager", "right"), ("sha256", "left")):
+        table.add_column(col, justify=justify)
+    for name, info in m["files"].items():
+        table.add_row(name, _signature(info["inputs"]), _signature(info["outputs"]), f"{info['bytes']:,}",
+                      f"{result.max_abs_diff[name]:.2g}", info["sha256"][:12])
+    console.print(table)
+    console.print(f"wrote {result.out_dir / MANIFEST} (inputs, shapes, feature settings, sha256s)")
+
+
+def _signature(items: list[dict]) -> str:
+    return "\n".join(f"{x['name']} {x['dtype']} [{', '.join(map(str, x['shape']))}]" for x in items)

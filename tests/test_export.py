@@ -1,0 +1,332 @@
+"""`vqmae export`: TorchScript files of a real (tiny) fine-tuned classifier and its tokenizers, run
+in a process where vqmae cannot be imported, checked against the eager models and `vqmae predict`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cli.export import export as export_cmd
+from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from vqmae.config import load_config
+from vqmae.export import (CLASSIFIER_FILE, FORMAT, TOLERANCE, ExportError, _difference, _Target,
+                          classifier_inputs, export_model)
+from vqmae.finetune import finetune
+from vqmae.predict import Predictor
+from vqmae.store import ModalitySpec, StoreWriter, merge
+from vqmae.tokenize import encode_frames
+from vqmae.tokenizers import build_tokenizer
+from vqmae.utils import sha256_file
+
+# Small but real: 513-bin spectrogram frames → 16 audio ids (codebook 32); 32 × 32 faces → 8 × 8
+# visual ids (codebook 64); 0.4 s windows = 20 audio + 10 visual frames.
+CFG = ["audio_vq.n_tokens=16", "audio_vq.codebook_size=32", "audio_vq.channels=8",
+       "visual_vq.channels=8", "visual_vq.codebook_size=64", "face.size=32", "mae.window_seconds=0.4",
+       "mae.width=32", "mae.heads=2", "mae.encoder_depth=1", "mae.decoder_depth=1", "mae.head_dim=8",
+       "finetune.inits=scratch", "finetune.folds=3", "finetune.epochs=1", "finetune.batch_size=8",
+       "finetune.eval_modalities=av"]
+TA, TV, K_A, GRID_V = 20, 10, 16, (8, 8)
+# torch 2.14 deprecates torch.jit.load; loading the files with it is the point here
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
+
+# Runs the exported files with torch alone (argv: export dir, calls file). Any import of vqmae or
+# cli fails. Also scores one clip from raw arrays following export.json only (README example).
+PLAIN = r'''
+import hashlib, importlib.abc, json, sys
+from pathlib import Path
+
+
+class NoVqmae(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("vqmae", "cli"):
+            raise ImportError(f"the exported files needed {name}")
+
+
+sys.meta_path.insert(0, NoVqmae())
+import torch
+
+torch.set_num_threads(1)
+torch.set_grad_enabled(False)
+out, calls_path = Path(sys.argv[1]), Path(sys.argv[2])
+meta = json.loads((out / "export.json").read_text())
+for name, info in meta["files"].items():
+    assert hashlib.sha256((out / name).read_bytes()).hexdigest() == info["sha256"], name
+ts = {name: torch.jit.load(str(out / name)) for name in meta["files"]}
+calls = torch.load(calls_path)
+results = {key: ts[name](*args) for key, (name, args) in calls["direct"].items()}
+
+
+def clip_scores(wave, faces):
+    a = meta["features"]["audio"]
+    wave = wave / wave.abs().max()
+    s = torch.stft(wave, a["n_fft"], a["hop_length"], a["win_length"],
+                   torch.hann_window(a["win_length"]), center=True, pad_mode="reflect",
+                   return_complex=True)
+    power = (s.real ** 2 + s.imag ** 2).T[: len(wave) // a["hop_length"]]  # [Ta, n_bins]
+    codes = {"audio": ts["audio_encoder.ts"](power), "visual": ts["visual_encoder.ts"](faces)}
+    frames = meta["window"]["frames"]
+    n_win = max(-(-len(codes[m]) // frames[m]) for m in meta["modalities"])
+    inputs = []
+    for m in meta["modalities"]:
+        c, t = codes[m], frames[m]
+        pad = c.new_zeros((n_win * t - len(c), *c.shape[1:]))
+        inputs += [torch.cat([c, pad]).reshape(n_win, t, *c.shape[1:]),
+                   (torch.arange(n_win * t) < len(c)).reshape(n_win, t)]
+    return torch.softmax(ts["classifier.ts"](*inputs).mean(0), -1)
+
+
+if "clip" in calls:
+    results["clip"] = clip_scores(*calls["clip"])
+assert not [m for m in sys.modules if m.split(".")[0] in ("vqmae", "cli")]
+torch.save(results, calls_path.with_suffix(".out.pt"))
+'''
+
+
+def _tokenizers(directory, cfg, seed=0):
+    """Real tokenizers of the config's sizes (randomly initialised: encoding is what is exported)."""
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for m, kind in (("audio", "audio_vqvae"), ("visual", "visual_vqvae")):
+        model = build_tokenizer(kind, cfg)
+        if m == "audio":
+            model.set_input_stats(torch.exp(3 * torch.randn(256, cfg.audio.n_bins) - 6))
+        out[m] = save_checkpoint(directory / f"{kind}.pt", kind=kind, model=model, config=cfg)
+    return out
+
+
+def _store(path, toks):
+    """12 clips of 3 speakers (the last of each audio-only) in codes of `toks`, paths recorded."""
+    sha = {m: checkpoint_sha256(p) for m, p in toks.items()}
+    specs = {"audio": ModalitySpec("audio", 32, (K_A,), 50.0, sha["audio"]),
+             "visual": ModalitySpec("visual", 64, GRID_V, 25.0, sha["visual"])}
+    rng = np.random.default_rng(0)
+    record = {"tokenizers": {m: {"path": str(p), "sha256": sha[m]} for m, p in toks.items()}}
+    with StoreWriter(path, specs, config=record) as w:
+        for n in range(12):
+            tv = int(rng.integers(8, 25))
+            codes = {"audio": rng.integers(0, 32, (2 * tv, K_A))}
+            if n % 4 != 3:
+                codes["visual"] = rng.integers(0, 64, (tv, 64))
+            w.add({"clip_id": f"c{n}", "index": n, "speaker": f"spk{n // 4}",
+                   "label": ["happy", "sad"][n % 2]}, codes)
+    merge(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Tokenizers → store → `vqmae.finetune` classifiers (audiovisual and audio-only) → export."""
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = load_config("tiny", CFG)
+    toks = _tokenizers(tmp / "tok", cfg)
+    store = _store(tmp / "s.zarr", toks)
+    finetune(store, cfg, tmp / "ft_av")
+    finetune(store, load_config("tiny", CFG + ["mae.modalities=audio"]), tmp / "ft_audio")
+    unit = ("units", "scratch", "frac1", "fold0", "classifier.pt")
+    av, audio = tmp.joinpath("ft_av", *unit), tmp.joinpath("ft_audio", *unit)
+    result = export_model(av, tmp / "out")
+    return tmp, av, audio, toks, result
+
+
+def _plain(out_dir, calls, tmp_path):
+    """Run PLAIN on `calls` in a fresh interpreter; its results."""
+    script, calls_path = tmp_path / "plain.py", tmp_path / "calls.pt"
+    script.write_text(PLAIN)
+    torch.save(calls, calls_path)
+    res = subprocess.run([sys.executable, str(script), str(out_dir), str(calls_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(calls_path.with_suffix(".out.pt"))
+
+
+def _lengths(audio, visual=None):
+    return {"audio": audio} if visual is None else {"audio": audio, "visual": visual}
+
+
+def _eager(model, x):
+    batch = {}
+    for i, m in enumerate(model.names):
+        batch[m], batch[f"{m}_valid"] = x[2 * i], x[2 * i + 1]
+    with torch.no_grad():
+        return model(batch)
+
+
+def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
+    """Batch sizes never traced (5, 4, 7), padded windows, each modality absent, flat visual rows:
+    classifier outputs within 1e-4 of the eager EmotionModel, encoder codes equal to vqmae's."""
+    tmp, av, _, _, result = built
+    p = Predictor.load(av)
+    gen = torch.Generator().manual_seed(7)
+    mixed = classifier_inputs(p.model, 5, gen, "cpu", _lengths([20, 11, 20, 0, 0], [10, 6, 0, 10, 0]))
+    audio_only = classifier_inputs(p.model, 4, gen, "cpu", _lengths([20, 3, 14, 20], [0, 0, 0, 0]))
+    flat = (*mixed[:2], mixed[2].reshape(5, TV, 64), mixed[3])
+    power = torch.exp(3 * torch.randn(7, 513, generator=gen) - 6)
+    faces = torch.randint(0, 256, (7, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    direct = {"mixed": (CLASSIFIER_FILE, mixed), "audio_only": (CLASSIFIER_FILE, audio_only),
+              "flat": (CLASSIFIER_FILE, flat), "audio_codes": ("audio_encoder.ts", (power,)),
+              "visual_codes": ("visual_encoder.ts", (faces,))}
+    got = _plain(result.out_dir, {"direct": direct}, tmp_path)
+    for key in ("mixed", "audio_only"):
+        want = _eager(p.model, direct[key][1])
+        assert got[key].shape == want.shape == (len(want), 2) and got[key].dtype == torch.float32
+        assert (got[key] - want).abs().max() <= TOLERANCE
+    # an absent modality really is absent: the learned `absent` vector, whatever its codes say
+    scrambled = (*audio_only[:2], torch.randint(0, 64, audio_only[2].shape), audio_only[3])
+    assert (got["audio_only"] - _eager(p.model, scrambled)).abs().max() <= TOLERANCE
+    assert torch.equal(got["flat"], got["mixed"])
+    for m, x in (("audio", power), ("visual", faces)):
+        want = encode_frames(p.tokenizers[m].model, m, x.numpy(), "cpu")  # uint16 [N, K]
+        codes = got[f"{m}_codes"]
+        assert codes.dtype == torch.int64 and tuple(codes.shape[1:]) == p.tokenizers[m].model.grid
+        np.testing.assert_array_equal(codes.reshape(len(x), -1).numpy(), want)
+
+
+def test_plain_pytorch_pipeline_reproduces_vqmae_predict(built, tmp_path):
+    """Wave + faces → codes → windows → averaged softmax with torch and export.json alone gives
+    `Predictor.predict`'s scores for the same arrays."""
+    _, av, _, _, result = built
+    rng = np.random.default_rng(3)
+    n_video = 23  # 3 windows of 10 frames, the last one padded
+    wave = (0.3 * rng.standard_normal(n_video * 640)).astype(np.float32)
+    faces = rng.integers(0, 256, (n_video, 32, 32, 3), dtype=np.uint8)
+    want = Predictor.load(av).predict({"audio": wave, "faces": faces})
+    assert want.modality == "av" and len(want.starts) == 3
+    got = _plain(result.out_dir, {"direct": {}, "clip": (torch.from_numpy(wave), torch.from_numpy(faces))},
+                 tmp_path)
+    np.testing.assert_allclose(got["clip"].numpy(), want.scores, atol=1e-5)
+
+
+def test_export_json_describes_every_file(built):
+    tmp, av, _, toks, result = built
+    out = result.out_dir
+    doc = json.loads((out / "export.json").read_text())
+    assert doc == result.manifest
+    assert list(result.files) == ["classifier.ts", "audio_encoder.ts", "visual_encoder.ts", "export.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(result.files)
+    ckpt = load_checkpoint(av, kind="classifier")
+    assert doc["format"] == FORMAT and doc["torch_version"] == torch.__version__ and doc["device"] == "cpu"
+    assert doc["source"] == {"path": str(av.resolve()), "sha256": sha256_file(av)}
+    assert doc["task"] == {"kind": "classify", "names": ["happy", "sad"], "activation": "softmax"}
+    assert doc["modalities"] == ["audio", "visual"]
+    assert {m: t["sha256"] for m, t in doc["tokenizers"].items()} == \
+           {m: ckpt["parents"][f"{m}_tokenizer"] for m in ("audio", "visual")}
+    assert {m: t["path"] for m, t in doc["tokenizers"].items()} == \
+           {m: str(p.resolve()) for m, p in toks.items()}
+    assert doc["window"]["seconds"] == pytest.approx(0.4)
+    assert doc["window"]["frames"] == {"audio": TA, "visual": TV}
+    assert doc["window"]["frames_per_step"] == {"audio": 2, "visual": 1}
+    a = doc["features"]["audio"]
+    assert (a["sample_rate"], a["n_fft"], a["win_length"], a["hop_length"], a["n_bins"]) == \
+           (16000, 1024, 1024, 320, 513)
+    assert doc["features"]["visual"]["face_size"] == 32 and doc["features"]["visual"]["fps"] == 25.0
+    files = doc["files"]
+    for name, info in files.items():
+        assert info["sha256"] == sha256_file(out / name) and info["bytes"] == (out / name).stat().st_size
+    sig = [(x["name"], x["dtype"], x["shape"]) for x in files["classifier.ts"]["inputs"]]
+    assert sig == [("audio", "int64", ["B", TA, K_A]), ("audio_valid", "bool", ["B", TA]),
+                   ("visual", "int64", ["B", TV, *GRID_V]), ("visual_valid", "bool", ["B", TV])]
+    assert files["classifier.ts"]["outputs"][0]["shape"] == ["B", 2]
+    def io(name):
+        return [(x["dtype"], x["shape"]) for x in files[name]["inputs"] + files[name]["outputs"]]
+
+    assert io("audio_encoder.ts") == [("float32", ["N", 513]), ("int64", ["N", K_A])]
+    assert io("visual_encoder.ts") == [("uint8", ["N", 32, 32, 3]), ("int64", ["N", *GRID_V])]
+    check = doc["check"]
+    assert check["trace_batch"] not in check["check_batches"]
+    assert set(check["max_abs_diff"]) == set(files)
+    assert check["max_abs_diff"]["classifier.ts"] <= TOLERANCE
+    assert check["max_abs_diff"]["audio_encoder.ts"] == check["max_abs_diff"]["visual_encoder.ts"] == 0.0
+    # the encoder files carry no decoder weights
+    enc = torch.jit.load(str(out / "visual_encoder.ts"))
+    assert not [k for k in enc.state_dict() if ".decoder." in k]
+
+
+def test_audio_only_classifier_replaces_an_av_export(built, tmp_path):
+    tmp, _, audio, _, result = built
+    out = tmp_path / "out"
+    shutil.copytree(result.out_dir, out)
+    res = export_model(audio, out)
+    assert list(res.files) == ["classifier.ts", "audio_encoder.ts", "export.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.ts", "classifier.ts", "export.json"]
+    assert res.manifest["modalities"] == ["audio"] and list(res.manifest["features"]) == ["audio"]
+    assert [x["name"] for x in res.manifest["files"]["classifier.ts"]["inputs"]] == ["audio", "audio_valid"]
+    model = Predictor.load(audio).model
+    x = classifier_inputs(model, 6, torch.Generator().manual_seed(2), "cpu", _lengths([20, 1, 7, 20, 0, 13]))
+    ts = torch.jit.load(str(out / "classifier.ts"))
+    assert (ts(*x) - _eager(model, x)).abs().max() <= TOLERANCE
+
+
+def test_tokenizers_directory_is_sha_checked(built, tmp_path):
+    tmp, av, _, toks, _ = built
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in toks.values():
+        shutil.copy(p, moved / p.name)
+    res = export_model(av, tmp_path / "a", tokenizers=moved)
+    assert res.manifest["tokenizers"]["audio"]["path"] == str((moved / "audio_vqvae.pt").resolve())
+    other = _tokenizers(tmp_path / "other", load_config("tiny", CFG), seed=1)
+    with pytest.raises(ExportError, match=r"audio_vqvae\.pt: audio tokenizer sha256 \w+ is not the one"):
+        export_model(av, tmp_path / "b", tokenizers=other["audio"].parent)
+    (moved / "visual_vqvae.pt").unlink()
+    with pytest.raises(ExportError, match=r"moved: no visual_vqvae\.pt \(the visual tokenizer of .*classifier\.pt\)"):
+        export_model(av, tmp_path / "c", tokenizers=moved)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_check_refuses_an_export_that_differs(built):
+    """The export-time check raises, naming the file, beyond the tolerance (codes: any change)."""
+    _, av, _, _, result = built
+    ts = torch.jit.load(str(result.out_dir / CLASSIFIER_FILE))
+    x = classifier_inputs(Predictor.load(av).model, 2, torch.Generator().manual_seed(0), "cpu")
+    off = _Target(ts, x, lambda g: [], lambda *a: ts(*a) + 2 * TOLERANCE, exact=False)
+    with pytest.raises(ExportError, match=r"classifier\.ts: exported output differs from the eager model by 0\.0002"):
+        _difference(CLASSIFIER_FILE, off, ts, x)
+    assert _difference(CLASSIFIER_FILE, _Target(ts, x, lambda g: [], lambda *a: ts(*a) + TOLERANCE / 2, False),
+                       ts, x) <= TOLERANCE
+
+
+def _cli():
+    app = typer.Typer()
+    app.command()(export_cmd)
+    return app
+
+
+def test_cli_summary_and_errors(built, tmp_path, monkeypatch):
+    tmp, av, _, toks, _ = built
+    monkeypatch.setattr("cli.export.console", Console(width=200))
+    res = CliRunner().invoke(_cli(), [str(av), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    for name in ("classifier.ts", "audio_encoder.ts", "visual_encoder.ts", "export.json",
+                 "audio int64 [B, 20, 16]", "faces uint8 [N, 32, 32, 3]"):
+        assert name in res.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for path, why in ((tmp_path / "missing.pt", "checkpoint file does not exist"),
+                      (bad, "cannot read checkpoint"),
+                      (toks["audio"], "kind is 'audio_vqvae', expected 'classifier'")):
+        res = CliRunner().invoke(_cli(), [str(path), "--out", str(tmp_path / "never")])
+        out = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"error: {path}" in out and why in out, out
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_export_matches_eager_on_cuda(built, tmp_path):
+    _, av, _, _, _ = built
+    res = export_model(av, tmp_path / "gpu", device="cuda")
+    assert res.manifest["device"] == "cuda" and res.max_abs_diff["classifier.ts"] <= TOLERANCE
+    p = Predictor.load(av, device="cuda")
+    x = classifier_inputs(p.model, 9, torch.Generator().manual_seed(5), "cuda", _lengths([20, 5, 0] * 3, [10, 0, 4] * 3))
+    ts = torch.jit.load(str(tmp_path / "gpu" / "classifier.ts"), map_location="cuda")
+    got = ts(*x)
+    assert got.device.type == "cuda" and (got - _eager(p.model, x)).abs().max() <= TOLERANCE

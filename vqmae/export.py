@@ -1,0 +1,436 @@
+"""TorchScript export of a stage-3 classifier and the tokenizer encoders it needs (`vqmae export`).
+
+    export_model(classifier.pt, out_dir) → out_dir/classifier.ts        codes → outputs
+                                           out_dir/audio_encoder.ts     power frames → audio codes
+                                           out_dir/visual_encoder.ts    face crops → visual codes
+                                           out_dir/export.json          inputs, shapes, settings, sha256s
+
+The model and tokenizers are rebuilt exactly as `vqmae predict` rebuilds them (`Predictor.load`: the
+stored config, sha-checked tokenizers), traced with `torch.jit.trace` and saved. Loading a file needs
+only ``torch.jit.load`` (or libtorch's ``torch::jit::load``): no vqmae import, no pickled classes.
+
+Every export is checked before `export.json` is written: each file is loaded back from its bytes and
+run beside the eager module on inputs it was not traced with (another batch size, partly padded
+windows, a modality absent); the largest difference is recorded in `export.json` and a difference
+above `TOLERANCE` (or any differing code id) is an `ExportError`.
+
+Why tracing, and what it fixes in the graph:
+
+* `torch.jit.script` cannot compile the MAE (dataclasses, dicts of modules, Python-side checks);
+  `torch.export` stops on its data-dependent code-range check and visible-patch count.
+* A traced graph keeps the window length, grid and codebook of the checkpoint; only the batch
+  dimension (the number of windows, or of frames for the encoders) is free.
+* The encoder packs visible patches to the batch's largest visible count, a Python int the trace
+  freezes. Tracing with every patch valid freezes it at its maximum (all patches), which is correct
+  for any later validity: the extra positions are padding keys that attention never reads.
+* Devices are frozen too (factory calls in the graph carry the trace device): export on the device
+  the files will run on (``device="cuda"`` for GPU use); ``cpu`` files run anywhere torch runs.
+* The exported graphs run in fp32; `vqmae predict` on CUDA runs under bf16 autocast, so its scores
+  agree with the exported model's only to bf16 precision there (exactly on the CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from vqmae import __version__
+from vqmae.checkpoint import checkpoint_sha256
+from vqmae.classifier import EmotionModel
+from vqmae.mae import MAEInputs, MAEModel
+from vqmae.predict import PredictError, Predictor
+from vqmae.tokenize import faces_to_tensor
+from vqmae.utils import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vqmae-export/1"
+MANIFEST = "export.json"
+CLASSIFIER_FILE = "classifier.ts"
+ENCODER_FILES = {"audio": "audio_encoder.ts", "visual": "visual_encoder.ts"}
+# Largest |exported − eager| accepted on the classifier's outputs (the issue's acceptance bound).
+TOLERANCE = 1e-4
+# Windows (and frames) per traced example; checks use other sizes so a frozen batch size shows.
+TRACE_BATCH = 2
+CHECK_BATCH = 3
+# torch 2.14 marks torch.jit.save / load deprecated in favour of torch.export, which cannot take
+# this model yet (module docstring); the choice is deliberate, so the warning is not repeated here.
+JIT_DEPRECATION = r".*torch\.jit\..* is deprecated"
+ACTIVATIONS = {"classify": "softmax", "multilabel": "sigmoid", "regress": "identity"}
+
+
+class ExportError(RuntimeError):
+    """A classifier that cannot be exported, or an export that does not match the eager model; the
+    message names the file and the reason."""
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote: ``files`` maps each written file's name to its path (the
+    TorchScript files, then `export.json`); ``max_abs_diff`` the check's largest difference per
+    TorchScript file; ``manifest`` the content of `export.json`."""
+
+    out_dir: Path
+    files: dict[str, Path]
+    manifest: dict[str, Any]
+    max_abs_diff: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# the exported modules
+
+
+class ClassifierModule(nn.Module):
+    """`EmotionModel` on positional tensors, two per modality in ``model.names`` order:
+
+    codes int64 ``[B, T_m, *grid_m]`` (or flat ``[B, T_m, K_m]``), valid bool ``[B, T_m]``
+    (False on padded frames; all False = the modality is absent) → outputs float32 ``[B, C]``
+    (logits for classify / multilabel, values for regress). For an audiovisual model:
+    ``(audio [B, Ta, 64], audio_valid [B, Ta], visual [B, Tv, 24, 24], visual_valid [B, Tv])``.
+    """
+
+    def __init__(self, model: EmotionModel):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        self.names = tuple(model.names)
+        self.grids = {m: tuple(self.model.backbone.dims.get(m).grid) for m in self.names}
+        # an instance attribute shadows MAEModel.prepare for this copy only
+        self.model.backbone.prepare = _traceable_prepare(self.model.backbone)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        batch = {}
+        for i, m in enumerate(self.names):
+            codes = inputs[2 * i]
+            # one reshape accepts grid or flat frames: the trace records it with a free batch size
+            batch[m] = codes.reshape(codes.shape[0], codes.shape[1], *self.grids[m])
+            batch[f"{m}_valid"] = inputs[2 * i + 1]
+        return self.model(batch)  # [B, C]
+
+
+def _traceable_prepare(backbone: MAEModel) -> Callable[[Mapping[str, torch.Tensor]], MAEInputs]:
+    """`MAEModel.prepare` without its check that all modalities share one batch size: while tracing,
+    sizes are tensors that a set compares by identity, so the check fails every two-modality trace.
+    Everything else (shape and dtype checks, patchify) is the model's own."""
+
+    def prepare(batch: Mapping[str, torch.Tensor]) -> MAEInputs:
+        ids, token_valid, padding = {}, {}, {}
+        for m in backbone.names:
+            codes, valid = backbone._check_batch(batch, m)
+            lay = backbone.layouts[m]
+            tv = valid.reshape(*valid.shape, *[1] * len(lay.grid)).expand(codes.shape)
+            token_valid[m] = lay.patchify(tv)  # [B, N, P]
+            ids[m] = lay.patchify(codes).masked_fill(~token_valid[m], 0)  # [B, N, P]
+            padding[m] = ~token_valid[m].any(-1)  # [B, N]
+        return MAEInputs(ids, token_valid, padding)
+
+    return prepare
+
+
+def _encoder_only(tokenizer: nn.Module) -> nn.Module:
+    """A copy of a tokenizer without its decoder, which encoding never runs (the file would carry
+    its weights otherwise)."""
+    tok = copy.deepcopy(tokenizer).eval()
+    del tok.decoder
+    return tok
+
+
+class AudioEncoderModule(nn.Module):
+    """Power-spectrogram frames float32 ``[N, n_bins]`` → audio codes int64 ``[N, n_tokens]``."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = _encoder_only(tokenizer)
+
+    def forward(self, power: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(power)
+
+
+class VisualEncoderModule(nn.Module):
+    """RGB face crops uint8 ``[N, S, S, 3]`` → visual codes int64 ``[N, S/4, S/4]``; the scaling to
+    [-0.5, 0.5] channels-first that `vqmae.tokenize.faces_to_tensor` does is part of the graph."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = _encoder_only(tokenizer)
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        x = faces.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # [N, 3, S, S]
+        return self.tokenizer.encode(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# example inputs
+
+
+def classifier_inputs(model: EmotionModel, batch: int, gen: torch.Generator, device: str,
+                      lengths: Mapping[str, Sequence[int]] | None = None) -> tuple[torch.Tensor, ...]:
+    """Random codes and validity for `ClassifierModule`: per modality (``model.names`` order)
+    codes int64 ``[B, T, *grid]`` and valid bool ``[B, T]`` whose first ``lengths[m][b]`` frames
+    are valid (default: every frame; 0 = the modality absent for that window)."""
+    out: list[torch.Tensor] = []
+    for m in model.names:
+        d = model.backbone.dims.get(m)
+        codes = torch.randint(0, d.codebook_size, (batch, d.frames, *d.grid), generator=gen)
+        n = torch.tensor(list(lengths[m]) if lengths else [d.frames] * batch)
+        valid = torch.arange(d.frames)[None, :] < n[:, None]  # [B, T], a prefix as windows have
+        out += [codes.to(device), valid.to(device)]
+    return tuple(out)
+
+
+def check_lengths(model: EmotionModel, batch: int = CHECK_BATCH) -> dict[str, list[int]]:
+    """Valid frames per check window: full, partly padded, and (two modalities) one window with the
+    second modality absent, cycling over `batch` windows."""
+    out = {}
+    for k, m in enumerate(model.names):
+        t = model.backbone.dims.get(m).frames
+        cycle = [t, max(1, t // 2 + 1)] + ([0 if k == len(model.names) - 1 else t]
+                                            if len(model.names) == 2 else [max(1, t // 3)])
+        out[m] = [cycle[i % len(cycle)] for i in range(batch)]
+    return out
+
+
+def encoder_input(modality: str, tokenizer: nn.Module, n: int, gen: torch.Generator,
+                  device: str) -> torch.Tensor:
+    """Random frames for an encoder: audio power float32 ``[n, n_bins]`` (log-normal, the spread of
+    speech spectra), visual faces uint8 ``[n, S, S, 3]``."""
+    if modality == "audio":
+        x = torch.exp(3.0 * torch.randn(n, tokenizer.n_bins, generator=gen) - 6.0)
+    else:
+        x = torch.randint(0, 256, (n, tokenizer.size, tokenizer.size, 3), generator=gen, dtype=torch.uint8)
+    return x.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass
+class _Target:
+    """One file to export: the module traced, its example inputs, check inputs drawn from a
+    generator, the eager vqmae computation it must reproduce, and whether equality is exact."""
+
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    checks: Callable[[torch.Generator], list[tuple[torch.Tensor, ...]]]
+    reference: Callable[..., torch.Tensor]
+    exact: bool
+
+
+def export_model(classifier_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 tokenizers: str | os.PathLike | None = None, device: str = "cpu") -> ExportResult:
+    """Export the classifier at `classifier_path` and its tokenizers' encoders into `out_dir`.
+
+    `tokenizers`: a directory holding audio_vqvae.pt / visual_vqvae.pt when the paths recorded at
+    training moved (each is sha-checked against the classifier, as `vqmae predict` does). `device`:
+    where the traced files will run (see the module docstring). Writes `classifier.ts`, one
+    `<modality>_encoder.ts` per modality the model takes, then `export.json`, each atomically.
+    Raises ExportError naming the file and the reason.
+    """
+    path = Path(classifier_path)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    try:
+        pred = Predictor.load(path, device=device, tokenizers=tokenizers)
+    except PredictError as e:
+        raise ExportError(str(e)) from None
+    gen = torch.Generator().manual_seed(0)
+    blobs, diffs = {}, {}
+    for name, target in _targets(pred).items():
+        blobs[name] = _trace(target.module, target.example, name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+            loaded = torch.jit.load(io.BytesIO(blobs[name]), map_location=device)
+        diffs[name] = max(_difference(name, target, loaded, x)
+                          for x in (target.example, *target.checks(gen)))
+        log.info("%s: %d bytes, max |exported - eager| = %.3g", name, len(blobs[name]), diffs[name])
+    files = _write_files(out, blobs)
+    manifest = build_manifest(pred, path, blobs, diffs, device)
+    atomic_write_json(out / MANIFEST, manifest)  # last: it names the files it describes
+    return ExportResult(out, {**files, MANIFEST: out / MANIFEST}, manifest, diffs)
+
+
+def _targets(pred: Predictor) -> dict[str, _Target]:
+    model, device = pred.model, pred.device
+    gen = torch.Generator().manual_seed(1)
+    out = {CLASSIFIER_FILE: _Target(
+        ClassifierModule(model).to(device),
+        classifier_inputs(model, TRACE_BATCH, gen, device),
+        lambda g: [classifier_inputs(model, CHECK_BATCH, g, device, check_lengths(model)),
+                   classifier_inputs(model, 1, g, device, check_lengths(model, 1))],
+        lambda *x: model(_batch_dict(model.names, x)),
+        exact=False)}
+    for m in pred.modalities:
+        tok = pred.tokenizers[m].model
+        if m == "audio":
+            module, reference = AudioEncoderModule(tok), tok.encode
+        else:  # the eager reference is vqmae's own pixel path, `faces_to_tensor`
+            module = VisualEncoderModule(tok)
+            reference = lambda f, tok=tok: tok.encode(faces_to_tensor(f.cpu().numpy(), device))  # noqa: E731
+        out[ENCODER_FILES[m]] = _Target(
+            module.to(device), (encoder_input(m, tok, TRACE_BATCH, gen, device),),
+            lambda g, m=m, tok=tok: [(encoder_input(m, tok, n, g, device),) for n in (CHECK_BATCH, 1)],
+            reference, exact=True)
+    return out
+
+
+def _batch_dict(names: Sequence[str], x: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Positional (codes, valid) pairs in `names` order → the model's batch dict."""
+    out = {}
+    for i, m in enumerate(names):
+        out[m], out[f"{m}_valid"] = x[2 * i], x[2 * i + 1]
+    return out
+
+
+def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], name: str) -> bytes:
+    """`torch.jit.trace` + save to bytes. The tracer's warnings about Python values taken from
+    tensors are expected (shape checks, the frozen visible count: see the module docstring)."""
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+        try:
+            traced = torch.jit.trace(module.eval(), example, check_trace=False)
+        except Exception as e:  # noqa: BLE001 - any tracing failure is this file's export failing
+            raise ExportError(f"{name}: tracing failed: {type(e).__name__}: {e}") from e
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    n_tracer = sum(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+    log.debug("%s: traced with %d tracer warnings (expected: shape checks)", name, n_tracer)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def _difference(name: str, target: _Target, exported: torch.jit.ScriptModule,
+                x: tuple[torch.Tensor, ...]) -> float:
+    """max |exported(x) − eager(x)|; raises ExportError past the target's limit."""
+    want = target.reference(*x)
+    got = exported(*x)
+    n = x[0].shape[0]
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise ExportError(f"{name}: exported output {got.dtype} {list(got.shape)} for a batch of {n}, "
+                          f"eager {want.dtype} {list(want.shape)}")
+    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    limit = 0.0 if target.exact else TOLERANCE
+    if not diff <= limit:
+        raise ExportError(f"{name}: exported output differs from the eager model by {diff:.3g} "
+                          f"(limit {limit:g}) on a batch of {n}")
+    return diff
+
+
+def _write_files(out: Path, blobs: Mapping[str, bytes]) -> dict[str, Path]:
+    """Write each file atomically; an encoder file left by an earlier export of another model (a
+    modality this one does not take) is removed so the folder holds one consistent export."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ENCODER_FILES.values():
+        if name not in blobs and (out / name).exists():
+            log.info("%s: removing %s left by an earlier export", out, name)
+            (out / name).unlink()
+    for name, data in blobs.items():
+        atomic_write_bytes(out / name, data)
+    return {name: out / name for name in blobs}
+
+
+# ----------------------------------------------------------------------------------------------
+# export.json
+
+
+def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
+                   diffs: Mapping[str, float], device: str) -> dict[str, Any]:
+    """The content of `export.json`: what each file takes and returns, how to make its inputs,
+    and where everything came from."""
+    model = pred.model
+    files = {CLASSIFIER_FILE: {"role": "classifier", "inputs": _classifier_io(model),
+                               "outputs": [_io("outputs", "float32", ["B", len(pred.names)],
+                                               f"{ACTIVATIONS[pred.task_kind]} of these gives the "
+                                               f"scores, after averaging a clip's windows")]}}
+    for m in pred.modalities:
+        tok = pred.tokenizers[m].model
+        files[ENCODER_FILES[m]] = {"role": f"{m}_encoder", "inputs": [_encoder_input(m, tok)],
+                                   "outputs": [_io("codes", "int64", ["N", *tok.grid],
+                                                   f"ids in [0, {tok.codebook_size})")]}
+    for name, data in blobs.items():
+        files[name].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    return {
+        "format": FORMAT, "vqmae_version": __version__, "torch_version": torch.__version__,
+        "device": device,
+        "source": {"path": str(source.resolve()), "sha256": checkpoint_sha256(source)},
+        "tokenizers": {m: {"path": str(t.path), "sha256": t.sha256,
+                           "codebook_size": t.model.codebook_size, "grid": list(t.model.grid)}
+                       for m, t in pred.tokenizers.items()},
+        "task": {"kind": pred.task_kind, "names": list(pred.names),
+                 "activation": ACTIVATIONS[pred.task_kind]},
+        "modalities": list(model.names),
+        "window": _window(pred),
+        "features": _features(pred),
+        "files": files,
+        "check": {"tolerance": TOLERANCE, "codes": "equal", "trace_batch": TRACE_BATCH,
+                  "check_batches": [CHECK_BATCH, 1], "max_abs_diff": dict(diffs)},
+    }
+
+
+def _io(name: str, dtype: str, shape: Sequence[int | str], doc: str) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": list(shape), "doc": doc}
+
+
+def _classifier_io(model: EmotionModel) -> list[dict[str, Any]]:
+    """Positional inputs of classifier.ts, in order."""
+    out = []
+    for m in model.names:
+        d = model.backbone.dims.get(m)
+        out += [_io(m, "int64", ["B", d.frames, *d.grid],
+                    f"{m} codes of B windows, ids in [0, {d.codebook_size}); flat "
+                    f"[B, {d.frames}, {math.prod(d.grid)}] rows also accepted"),
+                _io(f"{m}_valid", "bool", ["B", d.frames],
+                    "True on real frames, False on padding after a clip's end; all False = the "
+                    f"{m} modality is absent for that window")]
+    return out
+
+
+def _encoder_input(m: str, tok: nn.Module) -> dict[str, Any]:
+    if m == "audio":
+        return _io("power", "float32", ["N", tok.n_bins],
+                   "power spectrogram frames |STFT|^2 (see features.audio), time-major")
+    return _io("faces", "uint8", ["N", tok.size, tok.size, 3], "RGB face crops (see features.visual)")
+
+
+def _window(pred: Predictor) -> dict[str, Any]:
+    g = pred.geom
+    return {"seconds": g.window_steps / g.step_rate,
+            "frames": {m: g.frames[m] for m in pred.modalities},
+            "frames_per_step": {m: g.ratio[m] for m in pred.modalities},
+            "step_rate": g.step_rate,
+            "scoring": "cut a clip into non-overlapping windows from frame 0, the last one padded "
+                       "(valid False on padding); average the outputs over its windows, then apply "
+                       "the task's activation"}
+
+
+def _features(pred: Predictor) -> dict[str, Any]:
+    """How encoder inputs are made from media, with the tokenizers' own settings."""
+    a, cfg = pred.cfg.audio, pred.cfg
+    out: dict[str, Any] = {}
+    if "audio" in pred.modalities:
+        out["audio"] = {"sample_rate": a.sample_rate, "n_fft": a.n_fft, "win_length": a.win_length,
+                        "hop_length": a.hop_length, "n_bins": a.n_bins, "frame_rate": a.frame_rate,
+                        "window": "hann", "center": True, "pad_mode": "reflect",
+                        "peak_normalize": a.peak_normalize,
+                        "recipe": "mono float wave at sample_rate, divided by its absolute peak when "
+                                  "peak_normalize; s = torch.stft(wave, n_fft, hop_length, "
+                                  "win_length, hann_window(win_length), center=True, pad_mode="
+                                  "'reflect', return_complex=True); power = (s.real**2 + "
+                                  "s.imag**2).T, first len(wave) // hop_length frames"}
+    if "visual" in pred.modalities:
+        out["visual"] = {"face_size": cfg.face.size, "fps": cfg.video.fps, "channels": "RGB",
+                         "recipe": "square RGB face crops resized to face_size x face_size, one per "
+                                   "video frame at fps"}
+    return out
