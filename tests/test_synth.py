@@ -273,6 +273,8 @@ def test_non_empty_directory_is_refused_then_overwritten(tmp_path):
     ({"frame_size": 127}, "frame_size=127"),
     ({"min_seconds": 3.0, "max_seconds": 2.0}, "min_seconds"),
     ({"audio_rate": 16001}, "audio_rate=16001"),
+    ({"speaker_spread": 1.5}, r"speaker_spread=1.5: must be in \[0, 1\]"),
+    ({"expressiveness": -1.0}, "expressiveness=-1.0: must be >= 0"),
 ])
 def test_bad_config_is_refused(tmp_path, change, message):
     with pytest.raises(S.SynthError, match=message):
@@ -297,3 +299,31 @@ def test_cli_writes_corpus_and_refuses_non_empty(tmp_path):
     assert forced.exit_code == 0, forced.output
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--set", "synth.frame_size=abc"])
     assert bad.exit_code == 2 and "synth.frame_size" in bad.output
+
+
+def test_speaker_spread_zero_gives_one_face_and_voice_and_one_keeps_the_draws():
+    def traits(cfg, i):
+        d = dataclasses.asdict(S.make_speaker(cfg, i))
+        return {k: v for k, v in d.items() if k not in ("index", "name")}
+
+    same = SynthConfig(n_speakers=4, speaker_spread=0.0)
+    assert all(traits(same, i) == traits(same, 0) for i in range(1, 4))
+    full, half = SynthConfig(n_speakers=4), SynthConfig(n_speakers=4, speaker_spread=0.5)
+    f0 = [S.make_speaker(c, i).f0 for c in (full, half) for i in range(4)]
+    assert np.ptp(f0[4:]) < 0.6 * np.ptp(f0[:4])  # half the spread (in log pitch) → a narrower range
+    assert [S.make_speaker(full, i).mirror for i in range(4)] == [False, True, False, True]
+
+
+def test_expressiveness_moves_the_signal_not_the_labels():
+    spec = S.ClipSpec(0, 0, "video", "sad")
+    one, two = (S.clip_params(SynthConfig(variability=0.0, expressiveness=e), spec, np.random.default_rng(0))
+                for e in (1.0, 2.0))
+    neutral = S.EMOTIONS["neutral"]
+    assert two.vad == one.vad  # the labels keep the class's own values
+    assert abs(two.emo.pitch_st - neutral.pitch_st) == pytest.approx(2 * abs(one.emo.pitch_st - neutral.pitch_st))
+    assert two.emo.breath > one.emo.breath > neutral.breath
+    for h1, h2 in zip(one.emo.face, two.emo.face):
+        mag1, mag2, sigma = np.hypot(h1[2], h1[3]), np.hypot(h2[2], h2[3]), h2[4]
+        assert mag2 == pytest.approx(min(2 * mag1, 1.5 * sigma))  # capped below a folding warp
+    wild = S.clip_params(SynthConfig(variability=0.0, expressiveness=6.0), spec, np.random.default_rng(0))
+    assert 0.3 <= wild.emo.open_quotient <= 0.85 and 2.0 <= wild.emo.rate and wild.emo.pause <= 3.0
