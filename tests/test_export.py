@@ -162,14 +162,14 @@ def _eager(model, x):
 
 
 def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
-    """Batch sizes never traced (5, 4, 7), padded windows, each modality absent, flat visual rows:
+    """Batch sizes not used at export (6, 4, 7), padded windows, each modality absent, flat visual rows:
     classifier outputs within 1e-4 of the eager EmotionModel, encoder codes equal to vqmae's."""
     tmp, av, _, _, result = built
     p = Predictor.load(av)
     gen = torch.Generator().manual_seed(7)
-    mixed = classifier_inputs(p.model, 5, gen, "cpu", _lengths([20, 11, 20, 0, 0], [10, 6, 0, 10, 0]))
+    mixed = classifier_inputs(p.model, 6, gen, "cpu", _lengths([20, 11, 20, 0, 0, 20], [10, 6, 0, 10, 0, 3]))
     audio_only = classifier_inputs(p.model, 4, gen, "cpu", _lengths([20, 3, 14, 20], [0, 0, 0, 0]))
-    flat = (*mixed[:2], mixed[2].reshape(5, TV, 64), mixed[3])
+    flat = (*mixed[:2], mixed[2].reshape(6, TV, 64), mixed[3])
     power = torch.exp(3 * torch.randn(7, 513, generator=gen) - 6)
     faces = torch.randint(0, 256, (7, 32, 32, 3), generator=gen, dtype=torch.uint8)
     direct = {"mixed": (CLASSIFIER_FILE, mixed), "audio_only": (CLASSIFIER_FILE, audio_only),
@@ -243,6 +243,7 @@ def test_export_json_describes_every_file(built):
     assert io("visual_encoder.ts") == [("uint8", ["N", 32, 32, 3]), ("int64", ["N", *GRID_V])]
     check = doc["check"]
     assert check["trace_batch"] not in check["check_batches"]
+    assert not {6, 4, 7} & {check["trace_batch"], *check["check_batches"]}  # the sizes tested above
     assert set(check["max_abs_diff"]) == set(files)
     assert check["max_abs_diff"]["classifier.ts"] <= TOLERANCE
     assert check["max_abs_diff"]["audio_encoder.ts"] == check["max_abs_diff"]["visual_encoder.ts"] == 0.0
