@@ -294,6 +294,8 @@ def _tiny() -> Config:
         # decoded to mean faces reaches 0.76-0.86 and the model reaches 0.64 visual on a
         # speaker-dependent split, so the cue is there; it does not transfer across two training
         # faces. 8 speakers × 14 clips (5 training speakers) lifts visual UAR to 0.43 ± 0.18.
+        # A later sweep over synth.speaker_spread / expressiveness (README, "Fine-tuning on the tiny
+        # demo store") shows speaker appearance is the obstacle: one shared face reaches 0.73 AV.
         finetune=FinetuneConfig(folds=4, epochs=12, batch_size=16, lr=1e-3, head_lr=3e-3,
                                 eval_batch=128),
         synth=SynthConfig(n_speakers=4, clips_per_speaker=8, audio_only_per_speaker=2,
