@@ -184,6 +184,7 @@ class Shown:
             self.figures.append({
                 "titles": [ax.get_title() for ax in fig.axes],
                 "drawn": [bool(ax.images or ax.lines or ax.patches or ax.collections) for ax in fig.axes]})
+            self.plt.close(fig)  # as the inline backend does: a shown figure is not shown again
 
 
 def run_notebook(path: Path, env: dict[str, str], monkeypatch) -> tuple[dict, Shown]:
@@ -192,6 +193,7 @@ def run_notebook(path: Path, env: dict[str, str], monkeypatch) -> tuple[dict, Sh
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    plt.close("all")  # figures other tests left open are not the notebook's
     shown = Shown(plt)
     monkeypatch.setattr(plt, "show", shown)
     ns: dict = {"__name__": "__main__"}
