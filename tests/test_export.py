@@ -321,6 +321,7 @@ def test_cli_summary_and_errors(built, tmp_path, monkeypatch):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_export_matches_eager_on_cuda(built, tmp_path):
     _, av, _, _, _ = built

@@ -49,7 +49,6 @@ from torch import nn
 from vqmae import __version__
 from vqmae.checkpoint import checkpoint_sha256
 from vqmae.classifier import EmotionModel
-from vqmae.mae import MAEInputs, MAEModel
 from vqmae.predict import PredictError, Predictor
 from vqmae.tokenize import faces_to_tensor
 from vqmae.utils import atomic_write_bytes, atomic_write_json
@@ -106,8 +105,6 @@ class ClassifierModule(nn.Module):
         self.model = copy.deepcopy(model).eval()
         self.names = tuple(model.names)
         self.grids = {m: tuple(self.model.backbone.dims.get(m).grid) for m in self.names}
-        # an instance attribute shadows MAEModel.prepare for this copy only
-        self.model.backbone.prepare = _traceable_prepare(self.model.backbone)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         batch = {}
@@ -117,25 +114,6 @@ class ClassifierModule(nn.Module):
             batch[m] = codes.reshape(codes.shape[0], codes.shape[1], *self.grids[m])
             batch[f"{m}_valid"] = inputs[2 * i + 1]
         return self.model(batch)  # [B, C]
-
-
-def _traceable_prepare(backbone: MAEModel) -> Callable[[Mapping[str, torch.Tensor]], MAEInputs]:
-    """`MAEModel.prepare` without its check that all modalities share one batch size: while tracing,
-    sizes are tensors that a set compares by identity, so the check fails every two-modality trace.
-    Everything else (shape and dtype checks, patchify) is the model's own."""
-
-    def prepare(batch: Mapping[str, torch.Tensor]) -> MAEInputs:
-        ids, token_valid, padding = {}, {}, {}
-        for m in backbone.names:
-            codes, valid = backbone._check_batch(batch, m)
-            lay = backbone.layouts[m]
-            tv = valid.reshape(*valid.shape, *[1] * len(lay.grid)).expand(codes.shape)
-            token_valid[m] = lay.patchify(tv)  # [B, N, P]
-            ids[m] = lay.patchify(codes).masked_fill(~token_valid[m], 0)  # [B, N, P]
-            padding[m] = ~token_valid[m].any(-1)  # [B, N]
-        return MAEInputs(ids, token_valid, padding)
-
-    return prepare
 
 
 def _encoder_only(tokenizer: nn.Module) -> nn.Module:

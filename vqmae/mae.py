@@ -506,7 +506,8 @@ class MAEModel(nn.Module):
             ids[m] = lay.patchify(codes).masked_fill(~token_valid[m], 0)  # [B, N, P]
             padding[m] = ~token_valid[m].any(-1)  # [B, N]
             sizes[m] = codes.shape[0]
-        if len(set(sizes.values())) > 1:
+        # While tracing (vqmae export) sizes are tensors, which a set compares by identity.
+        if not torch.jit.is_tracing() and len(set(sizes.values())) > 1:
             raise ValueError(f"batch sizes differ between modalities: {sizes}")
         return MAEInputs(ids, token_valid, padding)
 
