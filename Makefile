@@ -13,7 +13,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune predict bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -57,9 +57,20 @@ predict:  ## fold 0's pretrained model on the clips of its held-out speaker (nev
 	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --device $(DEVICE) \
 		--model $(RUN)/finetune/units/pretrained/frac1/$$FOLD/classifier.pt --csv $(RUN)/predict.csv
 
-demo:  ## synth → tokenize → store summary → pretrain → finetune → predict (tiny preset, two CPU cores)
+demo:  ## synth → tokenize → store summary → pretrain → finetune → predict → results (tiny preset, two CPU cores)
 	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain $(RUN)/finetune
-	$(MAKE) synth tokenize inspect pretrain finetune predict
+	$(MAKE) synth tokenize inspect pretrain finetune predict results
+
+results:  ## the demo's fine-tuning table and where every plot is
+	@echo; echo "== results ($(RUN)/finetune/report.md)"; sed -n '/^| variant/,$$p' $(RUN)/finetune/report.md
+	@echo; echo "== plots"
+	@ls -1 $(RUN)/tokenize/tokenizers/*.png $(RUN)/pretrain/recon/*.png $(RUN)/finetune/*.png 2>/dev/null
+	@echo "per-clip predictions: $(RUN)/predict.csv; models: $(RUN)/finetune/units/*/frac1/*/classifier.pt"
+	@$(BIN)/python -c "import csv, os; \
+	truth = {os.path.realpath(os.path.join('$(DATA)', r['path'])): r['label'] for r in csv.DictReader(open('$(DATA)/manifest.csv'))}; \
+	rows = [r for r in csv.DictReader(open('$(RUN)/predict.csv')) if r['status'] == 'ok' and not r['start']]; \
+	hit = sum(truth.get(os.path.realpath(r['path'])) == r['top'] for r in rows); \
+	print(f'vqmae predict on the held-out speaker: {hit} of {len(rows)} clips labelled correctly (chance 1 in {len(set(truth.values()))})')"
 
 bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
