@@ -235,9 +235,12 @@ def export_model(classifier_path: str | os.PathLike, out_dir: str | os.PathLike,
         diffs[name] = max(_difference(name, target, loaded, x)
                           for x in (target.example, *target.checks(gen)))
         log.info("%s: %d bytes, max |exported - eager| = %.3g", name, len(blobs[name]), diffs[name])
-    files = _write_files(out, blobs)
-    manifest = build_manifest(pred, path, blobs, diffs, device)
-    atomic_write_json(out / MANIFEST, manifest)  # last: it names the files it describes
+    try:
+        files = _write_files(out, blobs)
+        manifest = build_manifest(pred, path, blobs, diffs, device)
+        atomic_write_json(out / MANIFEST, manifest)  # last: it names the files it describes
+    except OSError as e:
+        raise ExportError(f"{out}: cannot write the export there ({e.strerror or e})") from None
     return ExportResult(out, {**files, MANIFEST: out / MANIFEST}, manifest, diffs)
 
 
@@ -312,6 +315,9 @@ def _write_files(out: Path, blobs: Mapping[str, bytes]) -> dict[str, Path]:
     """Write each file atomically; an encoder file left by an earlier export of another model (a
     modality this one does not take) is removed so the folder holds one consistent export."""
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest goes first and comes back last: a re-export interrupted half-way leaves files
+    # without a manifest, never a manifest describing another model's files.
+    (out / MANIFEST).unlink(missing_ok=True)
     for name in ENCODER_FILES.values():
         if name not in blobs and (out / name).exists():
             log.info("%s: removing %s left by an earlier export", out, name)
@@ -404,7 +410,9 @@ def _features(pred: Predictor) -> dict[str, Any]:
                         "hop_length": a.hop_length, "n_bins": a.n_bins, "frame_rate": a.frame_rate,
                         "window": "hann", "center": True, "pad_mode": "reflect",
                         "peak_normalize": a.peak_normalize,
-                        "recipe": "mono float wave at sample_rate, divided by its absolute peak when "
+                        "recipe": "mono float wave at sample_rate; for a video, first zero-padded or "
+                                  "trimmed to exactly n_video * sample_rate / fps samples (its "
+                                  "audio then spans its frames); divided by its absolute peak when "
                                   "peak_normalize; s = torch.stft(wave, n_fft, hop_length, "
                                   "win_length, hann_window(win_length), center=True, pad_mode="
                                   "'reflect', return_complex=True); power = (s.real**2 + "
