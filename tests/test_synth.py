@@ -274,7 +274,8 @@ def test_non_empty_directory_is_refused_then_overwritten(tmp_path):
     ({"min_seconds": 3.0, "max_seconds": 2.0}, "min_seconds"),
     ({"audio_rate": 16001}, "audio_rate=16001"),
     ({"speaker_spread": 1.5}, r"speaker_spread=1.5: must be in \[0, 1\]"),
-    ({"expressiveness": -1.0}, "expressiveness=-1.0: must be >= 0"),
+    ({"expressiveness": -1.0}, r"expressiveness=-1.0: must be in \[0, 4\]"),
+    ({"expressiveness": float("inf")}, r"expressiveness=inf: must be in \[0, 4\]"),
 ])
 def test_bad_config_is_refused(tmp_path, change, message):
     with pytest.raises(S.SynthError, match=message):
@@ -312,6 +313,7 @@ def test_speaker_spread_zero_gives_one_face_and_voice_and_one_keeps_the_draws():
     f0 = [S.make_speaker(c, i).f0 for c in (full, half) for i in range(4)]
     assert np.ptp(f0[4:]) < 0.6 * np.ptp(f0[:4])  # half the spread (in log pitch) → a narrower range
     assert [S.make_speaker(full, i).mirror for i in range(4)] == [False, True, False, True]
+    assert all(S.make_speaker(full, i).hair in S._HAIR for i in range(4))  # the draws, untouched
 
 
 def test_expressiveness_moves_the_signal_not_the_labels():
@@ -325,5 +327,9 @@ def test_expressiveness_moves_the_signal_not_the_labels():
     for h1, h2 in zip(one.emo.face, two.emo.face):
         mag1, mag2, sigma = np.hypot(h1[2], h1[3]), np.hypot(h2[2], h2[3]), h2[4]
         assert mag2 == pytest.approx(min(2 * mag1, 1.5 * sigma))  # capped below a folding warp
-    wild = S.clip_params(SynthConfig(variability=0.0, expressiveness=6.0), spec, np.random.default_rng(0))
+    wild = S.clip_params(SynthConfig(variability=0.0, expressiveness=4.0), spec, np.random.default_rng(0))
     assert 0.3 <= wild.emo.open_quotient <= 0.85 and 2.0 <= wild.emo.rate and wild.emo.pause <= 3.0
+    assert wild.emo.range_st >= 0.5 and wild.emo.pitch_st >= -8.0  # sad: accents never turn over
+    fear = S.clip_params(SynthConfig(variability=0.0, expressiveness=4.0), S.ClipSpec(0, 0, "video", "fearful"),
+                         np.random.default_rng(0))
+    assert fear.emo.pitch_st <= 10.0

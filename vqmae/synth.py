@@ -224,7 +224,7 @@ def validate(cfg: SynthConfig) -> None:
         (cfg.audio_rate in AAC_RATES, f"synth.audio_rate={cfg.audio_rate}: AAC needs one of {sorted(AAC_RATES)}"),
         (cfg.seed >= 0, f"synth.seed={cfg.seed}: must be >= 0"),
         (cfg.variability >= 0, f"synth.variability={cfg.variability}: must be >= 0"),
-        (cfg.expressiveness >= 0, f"synth.expressiveness={cfg.expressiveness}: must be >= 0"),
+        (0 <= cfg.expressiveness <= 4, f"synth.expressiveness={cfg.expressiveness}: must be in [0, 4]"),
         (0 <= cfg.speaker_spread <= 1, f"synth.speaker_spread={cfg.speaker_spread}: must be in [0, 1]"),
     ]
     for ok, message in checks:
@@ -255,7 +255,7 @@ def make_speaker(cfg: SynthConfig, index: int) -> Speaker:
     k = cfg.speaker_spread
 
     def toward(mid, drawn):
-        return float(mid + k * (drawn - mid))
+        return float(drawn) if k == 1 else float(mid + k * (drawn - mid))
 
     pos = (index + rng.uniform(0.2, 0.8)) / cfg.n_speakers  # in (0, 1), rising with the index
     hue = rng.uniform(0, 1, size=2)
@@ -337,8 +337,9 @@ def clip_params(cfg: SynthConfig, spec: ClipSpec, rng: np.random.Generator) -> C
     mix["loud_db"] += 1.5 * noise[3]
     mix["open_quotient"] = float(np.clip(mix["open_quotient"] + 0.03 * noise[4], 0.3, 0.85))
     mix["pause"] *= float(np.exp(0.15 * noise[5]))
-    for name, (lo, hi) in _EXTRAPOLATION_LIMITS.items():  # an expressiveness > 1 extrapolates
-        mix[name] = float(np.clip(mix[name], lo, hi))
+    if cfg.expressiveness > 1:  # extrapolating past the written profiles: keep them physical
+        for name, (lo, hi) in _EXTRAPOLATION_LIMITS.items():
+            mix[name] = float(np.clip(mix[name], lo, hi))
     face = tuple(_scaled_handle(h, gain) for h in target.face)
     emo = Emotion(**mix, vad=target.vad, face=face)
     vad = np.clip(intensity * np.array(target.vad) + 0.08 * j * rng.standard_normal(3), -1, 1)
@@ -351,6 +352,7 @@ _EXTRAPOLATION_LIMITS = {
     "rate": (2.0, 8.0), "open_quotient": (0.3, 0.85), "breath": (0.0, 0.5), "jitter": (0.0, 0.04),
     "shimmer": (0.0, 0.25), "formant": (0.85, 1.2), "pause": (0.3, 3.0), "tremor": (0.0, 1.5),
     "mouth": (0.3, 1.8), "head": (0.2, 2.0), "jaw": (0.0, 0.6), "loud_db": (-20.0, 15.0),
+    "pitch_st": (-8.0, 10.0), "range_st": (0.5, 12.0),  # accents stay upward, pitch within ~1.5 octaves
 }
 
 
