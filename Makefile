@@ -64,13 +64,14 @@ demo:  ## synth → tokenize → store summary → pretrain → finetune → pre
 results:  ## the demo's fine-tuning table and where every plot is
 	@echo; echo "== results ($(RUN)/finetune/report.md)"; sed -n '/^| variant/,$$p' $(RUN)/finetune/report.md
 	@echo; echo "== plots"
-	@ls -1 $(RUN)/tokenize/tokenizers/*.png $(RUN)/pretrain/recon/*.png $(RUN)/finetune/*.png 2>/dev/null
+	@ls -1 $(RUN)/tokenize/tokenizers/*.png $(RUN)/pretrain/recon/*.png $(RUN)/finetune/*.png 2>/dev/null || true
 	@echo "per-clip predictions: $(RUN)/predict.csv; models: $(RUN)/finetune/units/*/frac1/*/classifier.pt"
 	@$(BIN)/python -c "import csv, os; \
 	truth = {os.path.realpath(os.path.join('$(DATA)', r['path'])): r['label'] for r in csv.DictReader(open('$(DATA)/manifest.csv'))}; \
-	rows = [r for r in csv.DictReader(open('$(RUN)/predict.csv')) if r['status'] == 'ok' and not r['start']]; \
+	every = [r for r in csv.DictReader(open('$(RUN)/predict.csv')) if not r['start']]; \
+	rows = [r for r in every if r['status'] == 'ok']; \
 	hit = sum(truth.get(os.path.realpath(r['path'])) == r['top'] for r in rows); \
-	print(f'vqmae predict on the held-out speaker: {hit} of {len(rows)} clips labelled correctly (chance 1 in {len(set(truth.values()))})')"
+	print(f'vqmae predict on the held-out speaker: {hit} of {len(rows)} clips labelled correctly (chance 1 in {len(set(truth.values()))}); {len(every) - len(rows)} failed')"
 
 bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
