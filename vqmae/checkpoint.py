@@ -168,7 +168,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str,
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     _atomic_torch_save(ckpt, path)
-    log.info("saved %s checkpoint (step %d) to %s", kind, step, path)
+    log.debug("saved %s checkpoint (step %d) to %s", kind, step, path)  # every epoch / ckpt_every: not news
     return path
 
 
