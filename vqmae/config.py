@@ -167,6 +167,9 @@ class FinetuneConfig:
     freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
     # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init)
     inits: tuple[str, ...] = ("pretrained", "scratch")
+    # "tokens" in inits adds the bag-of-tokens baseline (vqmae.baseline): per-position code
+    # histograms, grid positions pooled in blocks of token_pool, L2 logistic regression
+    token_pool: int = 4
     protocol: Literal["kfold", "loso", "split"] = "kfold"
     folds: int = 5
     val_speakers: int = 1  # carved from each fold's training speakers; selects the epoch

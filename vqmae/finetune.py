@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqmae import baseline
 from vqmae import folds as folds_mod
 from vqmae import metrics as M
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, restore_rng, save_checkpoint
@@ -58,7 +59,7 @@ from vqmae.windows import WindowPlan, make_batch, tile_windows, window_geometry
 log = logging.getLogger(__name__)
 
 CKPT_NAME = "classifier.pt"
-VARIANTS = ("pretrained", "scratch", "student", "audio_labels")
+VARIANTS = ("pretrained", "scratch", "tokens", "student", "audio_labels")
 EVAL_MODES = ("av", "audio", "visual")
 
 
@@ -496,6 +497,30 @@ class Trainer:
             self.teachers[unit.seed_key] = self._teacher_logits(model, train)
         return res
 
+    def token_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> UnitResult:
+        """The bag-of-tokens baseline on this unit's clips (`vqmae.baseline`): same folds, same
+        label subset, penalty chosen on the validation speakers, one model per test modality."""
+        t0 = time.perf_counter()
+        if not hasattr(self, "_token_features"):
+            rows = np.arange(self.store.n_clips)
+            self._token_features = {m: baseline.histogram_features(self.store, rows, m, self.fcfg.token_pool)
+                                    for m in self.bb.names}
+        cw = self._class_weight(train)
+        metrics, outputs, val_uar = baseline.run_baseline(
+            self._token_features, self.y, len(self.task.names), train, val, test, self.modes(),
+            self.task.metrics, None if cw is None else cw.cpu().numpy())
+        res = UnitResult(unit=unit.name, metrics=metrics, best_epoch=0, val=val_uar, epochs=0,
+                         seconds=time.perf_counter() - t0, n_train=len(train), n_val=len(val),
+                         n_test=len(test))
+        if self.info.main:
+            out_dir = self.run / "units" / unit.name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._write_predictions(out_dir / "predictions.csv",
+                                    [(mode, out, rows) for mode, (rows, out) in outputs.items()])
+            atomic_write_json(out_dir / "result.json", res.to_dict())
+        log.info("%s: %s", unit.name, {m: round(v.get("uar", math.nan), 3) for m, v in metrics.items()})
+        return res
+
     def _val_mode(self) -> str:
         return "av" if len(self.bb.names) == 2 else self.bb.names[0]
 
@@ -671,9 +696,13 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
 
 
 def _check_config(fcfg: FinetuneConfig) -> None:
-    bad = [v for v in fcfg.inits if v not in ("pretrained", "scratch")]
+    bad = [v for v in fcfg.inits if v not in ("pretrained", "scratch", "tokens")]
     if bad or not fcfg.inits:
-        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected 'pretrained' and/or 'scratch'")
+        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected any of 'pretrained', 'scratch' "
+                            f"and 'tokens' (the bag-of-tokens baseline)")
+    if "tokens" in fcfg.inits and (fcfg.task != "classify" or fcfg.token_pool < 1):
+        raise FinetuneError("finetune.inits 'tokens' (the bag-of-tokens baseline) needs task 'classify' "
+                            f"and finetune.token_pool >= 1 (got {fcfg.task!r}, {fcfg.token_pool})")
     bad = [m for m in fcfg.eval_modalities if m not in EVAL_MODES]
     if bad:
         raise FinetuneError(f"finetune.eval_modalities: unknown {bad}; expected {list(EVAL_MODES)}")
@@ -735,6 +764,9 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
                                           and not _all_done(trainer.run, fold, frac)):
                     results.append(UnitResult(**json.loads(done.read_text())))
                     log.info("%s: already done", unit.name)
+                    continue
+                if variant == "tokens":
+                    results.append(trainer.token_unit(unit, train, fold.val, fold.test))
                     continue
                 results.append(trainer.train_unit(unit, train, fold.val, fold.test,
                                                   save_model=frac == largest))
