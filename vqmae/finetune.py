@@ -387,6 +387,7 @@ class Trainer:
         rows = np.arange(n)
         self.y[rows] = task.targets(store.clips, rows)
         self.teachers: dict[str, np.ndarray] = {}  # seed_key → teacher clip logits over all rows
+        self._token_features: dict[str, np.ndarray] | None = None  # the token baseline's, built once
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -501,7 +502,7 @@ class Trainer:
         """The bag-of-tokens baseline on this unit's clips (`vqmae.baseline`): same folds, same
         label subset, penalty chosen on the validation speakers, one model per test modality."""
         t0 = time.perf_counter()
-        if not hasattr(self, "_token_features"):
+        if self._token_features is None:
             rows = np.arange(self.store.n_clips)
             self._token_features = {m: baseline.histogram_features(self.store, rows, m, self.fcfg.token_pool)
                                     for m in self.bb.names}
