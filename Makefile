@@ -54,7 +54,7 @@ predict:  ## fold 0's pretrained model on the clips of its held-out speaker (nev
 	@SPK=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['test_speakers'][0])"); \
 	FOLD=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['name'])"); \
 	echo "held-out speaker $$SPK (true labels: $(DATA)/manifest.csv)"; \
-	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --device $(DEVICE) \
+	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --same-speaker --device $(DEVICE) \
 		--model $(RUN)/finetune/units/pretrained/frac1/$$FOLD/classifier.pt --csv $(RUN)/predict.csv
 
 demo:  ## synth → tokenize → store summary → pretrain → finetune → predict → results (tiny preset, two CPU cores)

@@ -30,6 +30,7 @@ def predict(
     workers: Annotated[int, typer.Option(help="Decoding processes (0: in this process, no crash isolation).")] = 1,
     face: Annotated[Optional[str], typer.Option(help="Face detector override: auto, fan, haar or none.")] = None,
     batch: Annotated[int, typer.Option(help="Windows per model batch (shared across files).")] = 64,
+    same_speaker: Annotated[bool, typer.Option("--same-speaker", help="The files are one speaker's clips: a speaker-normalised classifier subtracts their mean features (as fine-tuning did for each test speaker). Without it each clip uses the training speakers' mean.")] = False,
     verbose: bool = False,
 ) -> None:
     """Score new media with one fine-tuned emotion classifier. Exit code 1 if any file failed,
@@ -42,11 +43,15 @@ def predict(
         predictor = Predictor.load(model, device=resolve_device(device), tokenizers=tokenizers,
                                    face_mode=face, batch_windows=max(1, batch))
         with RichReporter(err_console) as reporter:
-            result = predictor.predict_many(media, modality=modality, workers=workers, reporter=reporter)
+            result = predictor.predict_many(media, modality=modality, workers=workers,
+                                            same_speaker=same_speaker, reporter=reporter)
     except (PredictError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     _print(result, predictor, timeline)
+    if predictor.speaker_norm and not same_speaker and len(result.predictions) > 1:
+        console.print("note: this classifier is speaker-normalised; if these files are one speaker's "
+                      "clips, --same-speaker scores them as fine-tuning scored its test speakers")
     if json_out is not None:
         atomic_write_bytes(json_out, (json.dumps(to_json(result, predictor, modality, timeline),
                                                  indent=2) + "\n").encode())

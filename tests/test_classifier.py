@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqmae.classifier import EmotionModel, drop_modality, load_encoder
+from vqmae.classifier import (EmotionModel, center_table, drop_modality, load_encoder, mean_center,
+                              presence_pattern)
 from vqmae.config import MAEConfig
 from vqmae.mae import MAEDims, MAEModel, ModalityDims
 
@@ -82,6 +83,52 @@ def test_overfits_a_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_center_table_means_per_speaker_and_presence_pattern():
+    x = torch.arange(6 * 2 * 3, dtype=torch.float32).view(6, 2, 3)
+    present = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert presence_pattern(present).tolist() == [3, 3, 1, 3, 2, 3]
+    t = center_table(x, present, group, 3)
+    assert t.shape == (3, 4, 2, 3)
+    torch.testing.assert_close(t[0, 3], (x[0] + x[1]) / 2)
+    torch.testing.assert_close(t[0, 1, 0], x[2, 0])
+    assert torch.isnan(t[0, 1, 1]).all()  # pattern 1 (first modality only) has no second-modality mean
+    torch.testing.assert_close(t[1, 2, 1], x[4, 1])
+    assert torch.isnan(t[2]).all() and torch.isnan(t[:, 0]).all()  # no clips / nothing present
+    fallback = mean_center(t)
+    torch.testing.assert_close(fallback[3], (t[0, 3] + t[1, 3]) / 2)
+    torch.testing.assert_close(fallback[1, 0], t[0, 1, 0])
+    assert (fallback[0] == 0).all()
+
+
+def test_speaker_norm_removes_a_per_speaker_offset():
+    """A constant shift of one speaker's pooled features (a brighter face, a higher voice, as the
+    encoder sees them) leaves that speaker's outputs unchanged when its own mean is subtracted, and
+    changes them when the stored fallback mean is used instead."""
+    torch.manual_seed(0)
+    model = EmotionModel(CFG, DIMS, 4, "attention", speaker_norm=True).eval()
+    assert "center" in model.state_dict()
+    assert "center" not in EmotionModel(CFG, DIMS, 4, "attention").state_dict()
+    x, present = model.pooled(batch(6, seed=5))
+    present[4, 1] = False  # one sample lacks the second modality: its own pattern
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    shifted = x + torch.where(group[:, None, None] == 1, torch.randn(1, *x.shape[1:]), 0.0)
+    with torch.no_grad():
+        out = model.head(x, present, center_table(x, present, group, 2), group)
+        out2 = model.head(shifted, present, center_table(shifted, present, group, 2), group)
+        torch.testing.assert_close(out, out2, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model.head(x, present)[3:], model.head(shifted, present)[3:])
+        # without a table the stored fallback mean is subtracted (absent modalities stay absent)
+        model.center.fill_(0.5)
+        manual = EmotionModel(CFG, DIMS, 4, "attention").eval()
+        manual.load_state_dict({k: v for k, v in model.state_dict().items() if k != "center"})
+        torch.testing.assert_close(model.head(x, present), manual.head(x - 0.5, present))
+        bx, bp = model.pooled(batch(6, seed=5))
+        torch.testing.assert_close(model(batch(6, seed=5)), manual.head(bx - 0.5, bp))
+    with pytest.raises(ValueError, match="needs each sample's group"):
+        model.head(x, present, center_table(x, present, group, 2))
 
 
 def test_top_level_api_resolves_every_export():

@@ -116,6 +116,29 @@ def test_media_scores_equal_stage3_scores_of_the_store_codes(setup):
         assert one.window_scores.shape == (n_windows, 2) and one.duration == pytest.approx(n_steps / 25)
 
 
+def test_same_speaker_scores_equal_stage3_speaker_normalised_scores(setup):
+    """--same-speaker over one speaker's files scores them as fine-tuning scored a test speaker:
+    that speaker's own mean features (per presence pattern: its videos AV, its wav audio alone) are
+    subtracted; the default (the training speakers' stored mean) gives other scores."""
+    tmp, corpus, _, p = setup
+    assert p.speaker_norm
+    store = TokenStore.open(tmp / "s.zarr")
+    rows = np.flatnonzero((store.clips["status"] == "ok") & (store.clips["speaker"] == "spk1"))
+    assert len(rows) == 3
+    data = ClipWindows(store, p.modalities, 0.4)
+    out, _, _ = predict_clips(p.model, data, rows, "av", "cpu", 4, groups=np.zeros(store.n_clips, np.int64))
+    want = torch.softmax(torch.from_numpy(out), -1).numpy()
+    paths = [str(x) for x in store.clips["path"][rows]]
+    got = p.predict_many(paths, same_speaker=True, batch_windows=3)
+    assert not got.failures and [x.path for x in got.predictions] == paths
+    for g, w in zip(got.predictions, want):
+        np.testing.assert_allclose(g.scores, w, atol=1e-5)
+    alone = p.predict_many(paths)
+    assert not np.allclose([x.scores for x in alone.predictions], want, atol=1e-3)
+    np.testing.assert_allclose([x.scores for x in alone.predictions], _store_scores(p, store, rows, "av"),
+                               atol=1e-5)
+
+
 def test_codes_input_equals_stage3_in_every_mode(setup):
     tmp, _, _, p = setup
     store = TokenStore.open(tmp / "s.zarr")
@@ -259,6 +282,23 @@ def test_cli_table_json_and_csv(setup, tmp_path, monkeypatch):
     n_windows = sum(len(w.starts) for w in want.values())
     assert sum(1 for r in rows if r["start"] != "") == n_windows
     assert rows[-1]["status"] == "failed" and rows[-1]["message"].startswith("video: ")
+
+
+def test_cli_same_speaker(setup, tmp_path, monkeypatch):
+    _, corpus, ckpt, p = setup
+    monkeypatch.setattr("cli.predict.console", Console(width=200))
+    files = [str(corpus / f) for f in ("v10.mp4", "v11.mp4", "a1.wav")]
+    out_csv = tmp_path / "r.csv"
+    base = [*files, "--model", str(ckpt), "--workers", "0", "--device", "cpu", "--csv", str(out_csv)]
+    res = CliRunner().invoke(_cli(), base)
+    assert res.exit_code == 0 and "--same-speaker scores them" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(_cli(), [*base, "--same-speaker"])
+    assert res.exit_code == 0 and "--same-speaker scores them" not in res.output, res.output
+    want = p.predict_many(files, same_speaker=True).predictions
+    rows = [r for r in csv.DictReader(io.StringIO(out_csv.read_text())) if r["start"] == ""]
+    assert [r["path"] for r in rows] == files
+    for r, w in zip(rows, want):
+        assert float(r["sad"]) == pytest.approx(float(w.scores[1]), abs=1e-5)
 
 
 def test_cli_bad_model_exits_2(setup, tmp_path):

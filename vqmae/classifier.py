@@ -19,6 +19,16 @@ A modality with no visible patch in a window (an audio-only clip, or a modality 
 time or absent at test time) is represented by a learned *absent* vector instead, so one
 audiovisual model scores audio alone, video alone, or both. The pooled vectors are concatenated in
 `model.names` order, normalised, and mapped to the outputs by one linear layer.
+
+Speaker normalisation (``speaker_norm=True``): before concatenation each present modality's pooled
+vector has its speaker's mean subtracted, the mean over that speaker's windows scored with the same
+modalities present (``presence pattern``). Speaker-level feature normalisation is a standard remedy
+for speaker variability in emotion recognition; here it is part of training (the means of the
+training speakers are recomputed each epoch) and of scoring (a test speaker's mean comes from its own
+unlabelled clips). The caller passes the means as a table ``[groups, patterns, M, D]`` and each
+sample's group; a sample whose group has no mean for its pattern, or a call without a table (one
+clip of an unknown speaker, the exported model), uses the ``center`` buffer: the average of the
+training speakers' means, stored with the weights.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ class EmotionModel(nn.Module):
     """
 
     def __init__(self, mae_cfg: MAEConfig, dims: MAEDims | Mapping[str, Any], n_outputs: int,
-                 pooling: str = "attention", dropout: float = 0.0):
+                 pooling: str = "attention", dropout: float = 0.0, speaker_norm: bool = False):
         super().__init__()
         if n_outputs < 1:
             raise ValueError(f"n_outputs={n_outputs} must be positive")
@@ -88,6 +98,9 @@ class EmotionModel(nn.Module):
         w = mae_cfg.width
         self.pool = nn.ModuleDict({m: Pool(w, pooling, mae_cfg.heads) for m in self.names})
         self.absent = nn.ParameterDict({m: nn.Parameter(torch.zeros(w)) for m in self.names})
+        self.speaker_norm = bool(speaker_norm)
+        if self.speaker_norm:  # fallback speaker mean per presence pattern (see the module doc)
+            self.register_buffer("center", torch.zeros(n_patterns(len(self.names)), len(self.names), w))
         self.norm = nn.LayerNorm(w * len(self.names))
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(w * len(self.names), n_outputs)
@@ -98,17 +111,75 @@ class EmotionModel(nn.Module):
         """Everything outside the backbone (randomly initialised in every run)."""
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
 
-    def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The pooled, concatenated representation `[B, width × n_modalities]` before the head."""
+    def pooled(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-modality pooled encoder features `[B, M, D]` and which modalities are present
+        `[B, M]` bool, in `model.names` order (before speaker normalisation and the head)."""
         enc = self.backbone.encode(batch)
-        parts = []
+        xs, present = [], []
         for m in self.names:
-            pooled, present = self.pool[m](enc.features[m], enc.visible[m])  # [B, D], [B]
-            parts.append(torch.where(present[:, None], pooled, self.absent[m].to(pooled.dtype)))
-        return self.norm(torch.cat(parts, -1))
+            x, p = self.pool[m](enc.features[m], enc.visible[m])  # [B, D], [B]
+            xs.append(x)
+            present.append(p)
+        return torch.stack(xs, 1), torch.stack(present, 1)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.out(self.drop(self.features(batch)))  # [B, n_outputs]
+    def head(self, x: torch.Tensor, present: torch.Tensor, table: torch.Tensor | None = None,
+             group: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled `[B, M, D]` + present `[B, M]` → outputs `[B, n_outputs]`. With speaker
+        normalisation, `table` `[G, P, M, D]` (NaN where a group lacks a pattern) and `group` `[B]`
+        give each sample's speaker mean; without them the `center` buffer is used."""
+        if self.speaker_norm:
+            pattern = presence_pattern(present)
+            c = self.center[pattern]  # [B, M, D]
+            if table is not None:
+                if group is None:
+                    raise ValueError("a speaker-mean table needs each sample's group")
+                own = table[group, pattern].to(c.dtype)
+                c = torch.where(torch.isnan(own), c, own)
+            x = x - c.to(x.dtype)
+        absent = torch.stack([self.absent[m] for m in self.names], 0).to(x.dtype)  # [M, D]
+        x = torch.where(present[..., None], x, absent)
+        return self.out(self.drop(self.norm(x.flatten(1))))
+
+    def forward(self, batch: Mapping[str, torch.Tensor], table: torch.Tensor | None = None,
+                group: torch.Tensor | None = None) -> torch.Tensor:
+        x, present = self.pooled(batch)
+        return self.head(x, present, table, group)  # [B, n_outputs]
+
+
+def n_patterns(n_modalities: int) -> int:
+    """Presence patterns of `n_modalities` (bit m set: modality m present); 0 is never scored."""
+    return 2 ** n_modalities
+
+
+def presence_pattern(present: torch.Tensor) -> torch.Tensor:
+    """`[B, M]` bool → `[B]` int64 pattern index (bit m set when modality m is present)."""
+    bits = 2 ** torch.arange(present.shape[1], device=present.device)
+    return (present.long() * bits).sum(1)
+
+
+def center_table(x: torch.Tensor, present: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean pooled features per (group, presence pattern): x `[N, M, D]`, present `[N, M]`, group
+    `[N]` → `[n_groups, P, M, D]` float32, NaN where a group has no sample with that pattern and
+    for the modalities a pattern lacks."""
+    n, m, d = x.shape
+    p = n_patterns(m)
+    key = group.long() * p + presence_pattern(present)
+    total = torch.zeros(n_groups * p, m, d, dtype=torch.float32, device=x.device)
+    total.index_add_(0, key, x.float())
+    count = torch.zeros(n_groups * p, dtype=torch.float32, device=x.device)
+    count.index_add_(0, key, torch.ones(n, dtype=torch.float32, device=x.device))
+    mean = total / count.clamp_min(1.0)[:, None, None]
+    bits = 2 ** torch.arange(m, device=x.device)
+    has = ((torch.arange(p, device=x.device)[:, None] & bits) > 0)  # [P, M]
+    ok = (count.view(n_groups, p, 1) > 0) & has[None]  # [G, P, M]
+    return torch.where(ok[..., None], mean.view(n_groups, p, m, d), torch.nan)
+
+
+def mean_center(table: torch.Tensor) -> torch.Tensor:
+    """The average over groups of a center table `[G, P, M, D]` → `[P, M, D]` (0 where no group
+    has the pattern): the fallback mean stored with a speaker-normalised model."""
+    ok = ~torch.isnan(table)
+    return torch.where(ok, table, 0.0).sum(0) / ok.sum(0).clamp_min(1)
 
 
 def load_encoder(model: EmotionModel, mae_state: Mapping[str, torch.Tensor]) -> None:

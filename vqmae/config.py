@@ -178,6 +178,10 @@ class FinetuneConfig:
     # During training each sample loses one of its two modalities with this probability, so one
     # audiovisual model can be evaluated (and deployed) on audio or video alone.
     modality_dropout: float = 0.3
+    # Subtract each speaker's mean pooled features before the head (vqmae/classifier.py): training
+    # speakers' means are recomputed each epoch, a test speaker's come from its own unlabelled
+    # clips; `vqmae predict --same-speaker` does the same for a set of one speaker's files.
+    speaker_norm: bool = True
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-4  # encoder

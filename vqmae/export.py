@@ -357,6 +357,9 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
         "task": {"kind": pred.task_kind, "names": list(pred.names),
                  "activation": ACTIVATIONS[pred.task_kind]},
         "modalities": list(model.names),
+        # a speaker-normalised classifier.ts subtracts the stored mean of the training speakers
+        # (vqmae predict without --same-speaker); a speaker's own mean needs the eager model
+        "speaker_norm": "training-speaker mean" if model.speaker_norm else None,
         "window": _window(pred),
         "features": _features(pred),
         "files": files,

@@ -22,6 +22,12 @@ their visual half absent. With ``modality_dropout`` p an audiovisual sample that
 modalities loses one of them (each with probability p/2), which is what lets one model be scored on
 audio alone or video alone.
 
+Speaker normalisation (``speaker_norm``, on by default; `vqmae.classifier`): at the start of every
+epoch each training speaker's mean pooled features are computed per presence pattern (no gradient)
+and subtracted from that speaker's samples; validation and test speakers are normalised by the mean
+over their own clips' windows (their labels are never used); the saved model stores the average of
+the training speakers' means for clips of an unknown speaker.
+
 Data-parallel under ``torchrun`` like stage 2: each rank trains on its slice of every global batch
 (DDP averages the gradients), every rank evaluates identically, rank 0 writes.
 """
@@ -46,7 +52,7 @@ from vqmae import baseline
 from vqmae import folds as folds_mod
 from vqmae import metrics as M
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, restore_rng, save_checkpoint
-from vqmae.classifier import EmotionModel, drop_modality, load_encoder
+from vqmae.classifier import EmotionModel, center_table, drop_modality, load_encoder, mean_center
 from vqmae.config import Config, FinetuneConfig, MAEConfig
 from vqmae.datasets import EMOTIONS
 from vqmae.mae import MAEDims
@@ -200,22 +206,56 @@ def restrict(batch: Mapping[str, torch.Tensor], mode: str, names: Sequence[str])
 
 
 @torch.no_grad()
-def predict_clips(model: torch.nn.Module, data: ClipWindows, rows: np.ndarray, mode: str,
-                  device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic clip scores: every window of every clip, outputs averaged per clip.
-
-    → (clip outputs float32 [n_clips, C], window outputs [n_windows, C], window clip position
-    int64 [n_windows] into ``rows``)."""
+def pooled_windows(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode: str, device: str,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Every non-overlapping window of clips ``rows`` in eval mode ``mode`` through the encoder
+    and pooling → (pooled float32 `[n_windows, M, D]`, present `[n_windows, M]`, window clip
+    position int64 `[n_windows]` into ``rows``), on ``device``."""
     was = model.training
     model.eval()
     win_rows, win_starts = data.tiles(rows)
     pos = np.searchsorted(rows, win_rows) if np.all(np.diff(rows) > 0) else \
         np.array([np.flatnonzero(rows == r)[0] for r in win_rows], np.int64)
-    outs = []
+    xs, ps = [], []
     with autocast_context(device):
         for a in range(0, len(win_rows), batch_size):
             b = data.batch(win_rows[a:a + batch_size], win_starts[a:a + batch_size], device)
-            outs.append(model(restrict(b, mode, data.names)).float().cpu())
+            x, p = model.pooled(restrict(b, mode, data.names))
+            xs.append(x.float())
+            ps.append(p)
+    model.train(was)
+    m, d = len(model.names), model.out.in_features // len(model.names)
+    x = torch.cat(xs) if xs else torch.zeros(0, m, d, device=device)
+    p = torch.cat(ps) if ps else torch.zeros(0, m, dtype=torch.bool, device=device)
+    return x, p, pos
+
+
+@torch.no_grad()
+def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode: str,
+                  device: str, batch_size: int, groups: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic clip scores: every window of every clip, outputs averaged per clip.
+
+    ``groups`` (int64 per row, e.g. speaker ids): with a speaker-normalised model each group's
+    mean pooled features are taken over these rows' windows (in this ``mode``) and subtracted;
+    without it the model's stored mean is used.
+
+    → (clip outputs float32 [n_clips, C], window outputs [n_windows, C], window clip position
+    int64 [n_windows] into ``rows``)."""
+    was = model.training
+    model.eval()
+    x, present, pos = pooled_windows(model, data, rows, mode, device, batch_size)
+    table = group = None
+    if model.speaker_norm and groups is not None and len(pos):
+        uniq, inverse = np.unique(np.asarray(groups)[pos], return_inverse=True)
+        group = torch.from_numpy(inverse.astype(np.int64)).to(x.device)
+        table = center_table(x, present, group, len(uniq))
+    outs = []
+    with autocast_context(device):
+        for a in range(0, len(pos), batch_size):
+            sl = slice(a, a + batch_size)
+            outs.append(model.head(x[sl], present[sl], table, None if group is None else group[sl])
+                        .float().cpu())
     win = torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
     clip = np.zeros((len(rows), win.shape[1] if win.size else 0), np.float64)
     np.add.at(clip, pos, win)
@@ -299,7 +339,8 @@ def _batch_targets(task: Task, y_all: np.ndarray, pos: np.ndarray, device: str) 
 def _make_model(bb: Backbone, task: Task, fcfg: FinetuneConfig, seed: int, variant: str,
                 device: str) -> EmotionModel:
     torch.manual_seed(seed)  # same head init for every variant of a (fraction, fold)
-    model = EmotionModel(bb.mae_cfg, bb.dims, len(task.names), fcfg.pooling, fcfg.dropout)
+    model = EmotionModel(bb.mae_cfg, bb.dims, len(task.names), fcfg.pooling, fcfg.dropout,
+                         speaker_norm=fcfg.speaker_norm)
     if variant in ("pretrained", "student", "audio_labels"):
         load_encoder(model, bb.state)
     if fcfg.freeze:
@@ -386,6 +427,8 @@ class Trainer:
             np.full((n, len(task.names)), np.nan, np.float32)
         rows = np.arange(n)
         self.y[rows] = task.targets(store.clips, rows)
+        speakers = [str(x) for x in store.clips["speaker"].tolist()]
+        self.group = np.unique(speakers, return_inverse=True)[1].astype(np.int64)  # speaker id per row
         self.teachers: dict[str, np.ndarray] = {}  # seed_key → teacher clip logits over all rows
         self._token_features: dict[str, np.ndarray] | None = None  # the token baseline's, built once
 
@@ -404,7 +447,7 @@ class Trainer:
             rows = rows[data.has(mode, rows)]
         if not len(rows):
             return {"n_clips": 0}, np.zeros((0, len(self.task.names)), np.float32), rows
-        out, _, _ = predict_clips(model, data, rows, mode, self.device, self.fcfg.eval_batch)
+        out, _, _ = predict_clips(model, data, rows, mode, self.device, self.fcfg.eval_batch, self.group)
         return {**self.task.metrics(self.y[rows], out), "n_clips": int(len(rows))}, out, rows
 
     # -- one unit ----------------------------------------------------------------------------
@@ -436,6 +479,7 @@ class Trainer:
         self.reporter.start(unit.name, fcfg.epochs)
         self.reporter.advance(unit.name, epoch)
         while epoch < fcfg.epochs:
+            table = self._train_centers(model, train, audio_only) if model.speaker_norm else None
             net.train()
             if fcfg.freeze:
                 model.backbone.eval()
@@ -450,7 +494,8 @@ class Trainer:
                                            info)
                 y = _batch_targets(self.task, self.y, rows, device)
                 with ctx:
-                    out = net(batch)
+                    out = net(batch) if table is None else \
+                        net(batch, table, torch.from_numpy(self.group[rows]).to(device))
                 per_sample = self.task.loss(out, y, class_weight)
                 if teacher is not None:
                     per_sample = self._distill(out, per_sample, teacher, rows, y)
@@ -484,6 +529,8 @@ class Trainer:
                                   **{self.task.select_key: value})
         self.reporter.finish(unit.name)
         model.load_state_dict(best["state"])
+        if model.speaker_norm:  # the fallback for a clip of an unknown speaker (see classifier.py)
+            model.center.copy_(mean_center(self._train_centers(model, train, audio_only)))
         result = self._test(unit, model, test, audio_only)
         result.update(best_epoch=best["epoch"], val=best["value"] if best["value"] is not None else math.nan,
                       epochs=fcfg.epochs, seconds=time.perf_counter() - t0, n_train=len(train),
@@ -521,6 +568,22 @@ class Trainer:
             atomic_write_json(out_dir / "result.json", res.to_dict())
         log.info("%s: %s", unit.name, {m: round(v.get("uar", math.nan), 3) for m, v in metrics.items()})
         return res
+
+    def _train_centers(self, model: EmotionModel, train: np.ndarray, audio_only: bool) -> torch.Tensor:
+        """Each training speaker's mean pooled features per presence pattern (a center table):
+        over the windows of its training clips scored as training will present them (audiovisual,
+        and each modality alone when modality dropout can remove the other)."""
+        modes = ["audio"] if audio_only else ["av"] if len(self.bb.names) == 1 else \
+            ["av", *self.bb.names] if self.fcfg.modality_dropout > 0 else ["av"]
+        xs, ps, gs = [], [], []
+        for mode in modes:
+            rows = train if mode == "av" else train[self.data.has(mode, train)]
+            x, p, pos = pooled_windows(model, self.data, rows, mode, self.device, self.fcfg.eval_batch)
+            xs.append(x)
+            ps.append(p)
+            gs.append(torch.from_numpy(self.group[rows][pos]))
+        n_groups = int(self.group.max()) + 1 if len(self.group) else 1
+        return center_table(torch.cat(xs), torch.cat(ps), torch.cat(gs).to(self.device), n_groups)
 
     def _val_mode(self) -> str:
         return "av" if len(self.bb.names) == 2 else self.bb.names[0]
@@ -571,7 +634,8 @@ class Trainer:
     # -- distillation ------------------------------------------------------------------------
 
     def _teacher_logits(self, model, rows: np.ndarray) -> np.ndarray:
-        out, _, _ = predict_clips(model, self.data, rows, "av", self.device, self.fcfg.eval_batch)
+        out, _, _ = predict_clips(model, self.data, rows, "av", self.device, self.fcfg.eval_batch,
+                                  self.group)
         full = np.full((self.store.n_clips, out.shape[1]), np.nan, np.float32)
         full[rows] = out
         return full
@@ -817,7 +881,10 @@ def summarize(units: Sequence[UnitResult], cfg: Config, task: Task, fold_list, r
                "units": [u.to_dict() for u in units]}
     lines = [f"# Fine-tuning report ({task.kind}: {', '.join(task.names)})", "",
              f"{len(fold_list)} speaker-independent folds ({cfg.finetune.protocol}); epoch selected "
-             f"on validation speakers; test clips scored over all windows; mean ± std over folds.",
+             f"on validation speakers; test clips scored over all windows; mean ± std over folds."
+             + (" Speaker-normalised: each speaker's mean pooled features (over its own unlabelled "
+                "clips) are subtracted before the head (finetune.speaker_norm)." if cfg.finetune.speaker_norm
+                else ""),
              f"MAE: {bb.mae_path or '(none: from scratch)'}. Chance: {chance}.", "",
              "| variant | labels | eval | folds | " + " | ".join(k.upper() for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]

@@ -19,6 +19,12 @@ Modalities (``modality=``): ``auto`` scores whatever the input has among the mod
 absent for the model, as `drop_modality` makes it). In ``auto`` mode a video where no face is found
 falls back to audio alone with a warning kept in the `Prediction`; every other problem with one
 input is a `Failure` naming the file, and `predict_many` goes on with the others.
+
+Speaker normalisation: a classifier fine-tuned with ``finetune.speaker_norm`` subtracts a speaker's
+mean pooled features before its head. ``predict_many(..., same_speaker=True)`` treats the files as
+one speaker's clips and takes that mean over them (what `vqmae finetune` does with a test speaker's
+clips); otherwise each clip uses the mean of the training speakers stored with the model, which is
+less accurate for a voice or face unlike the training speakers'.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 import torch
 
 from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, load_tokenizer
-from vqmae.classifier import EmotionModel, drop_modality
+from vqmae.classifier import EmotionModel, center_table, drop_modality
 from vqmae.config import Config, ConfigError, MAEConfig, _from_dict, set_key
 from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
 from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
@@ -175,7 +181,8 @@ class Predictor:
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise PredictError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
                                f"unreadable); was it written by `vqmae finetune`?") from None
-        model = EmotionModel(mae_cfg, dims, len(task["names"]), cfg.finetune.pooling, cfg.finetune.dropout)
+        model = EmotionModel(mae_cfg, dims, len(task["names"]), cfg.finetune.pooling, cfg.finetune.dropout,
+                             speaker_norm="center" in ckpt["state_dict"])
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
@@ -217,13 +224,20 @@ class Predictor:
 
     # -- many files --------------------------------------------------------------------------
 
+    @property
+    def speaker_norm(self) -> bool:
+        """Whether the classifier subtracts a speaker's mean features (see the module doc)."""
+        return self.model.speaker_norm
+
     def predict_many(self, paths: Iterable[str | os.PathLike], *, modality: str = "auto",
-                     workers: int = 0, batch_windows: int | None = None,
+                     workers: int = 0, batch_windows: int | None = None, same_speaker: bool = False,
                      reporter: Reporter = Reporter()) -> PredictResult:
         """Score every media file of `paths` (a folder stands for its media files, recursively, in
         sorted order). Decoding runs in `workers` crash-isolated processes (0: in this process);
         windows of several files share a model batch of `batch_windows`. A file that cannot be
-        scored becomes a `Failure` (path, stage, reason) and the others go on."""
+        scored becomes a `Failure` (path, stage, reason) and the others go on. `same_speaker`: the
+        files are one speaker's, and a speaker-normalised classifier takes that speaker's mean
+        features over all of them (every file is decoded before any is scored)."""
         self._check_mode(modality)
         files, failures = expand_paths(paths)
         infos = [_clip_info(p, i) for i, p in enumerate(files)]
@@ -240,20 +254,21 @@ class Predictor:
             except Exception as e:  # noqa: BLE001 - one file's problem must not stop the others
                 log.debug("%s failed", info.path, exc_info=True)
                 failed[index] = _failure(info.path, e)
-            if sum(self._n_windows(c) for _, c in pending) >= batch:
+            if not same_speaker and sum(self._n_windows(c) for _, c in pending) >= batch:
                 done.update(self._flush(pending, failed))
                 pending = []
             reporter.advance("predict")
-        done.update(self._flush(pending, failed))
+        done.update(self._flush(pending, failed, same_speaker and self.speaker_norm))
         reporter.finish("predict")
         return PredictResult([done[i] for i in sorted(done)],
                              failures + [failed[i] for i in sorted(failed)])
 
-    def _flush(self, pending: list[tuple[int, _Clip]], failed: dict[int, Failure]) -> dict[int, Prediction]:
+    def _flush(self, pending: list[tuple[int, _Clip]], failed: dict[int, Failure],
+               same_speaker: bool = False) -> dict[int, Prediction]:
         if not pending:
             return {}
         try:
-            return dict(zip([i for i, _ in pending], self._score([c for _, c in pending])))
+            return dict(zip([i for i, _ in pending], self._score([c for _, c in pending], same_speaker)))
         except InputError:  # one bad clip in a batch: score one by one to find it
             out = {}
             for i, c in pending:
@@ -375,9 +390,10 @@ class Predictor:
         return max(-(-len(c) // self.geom.ratio[m]) for m, c in clip.codes.items())
 
     @torch.no_grad()
-    def _score(self, clips: Sequence[_Clip]) -> list[Prediction]:
+    def _score(self, clips: Sequence[_Clip], same_speaker: bool = False) -> list[Prediction]:
         """Every window of every clip through the model, outputs averaged per clip (exactly
-        `vqmae.finetune.predict_clips`), then turned into scores."""
+        `vqmae.finetune.predict_clips`), then turned into scores. `same_speaker`: the clips are
+        one speaker's, whose mean features a speaker-normalised model subtracts."""
         geom = self.geom
         steps = np.array([self._steps(c) for c in clips], np.int64)
         win_clip, win_starts = tile_windows(np.arange(len(clips)), steps, geom.window_steps)
@@ -392,7 +408,7 @@ class Predictor:
         # which windows lose which modality: the clip's mode keeps only its own
         drop = {m: torch.from_numpy(np.array([c.mode not in ("av", m) for c in clips])[win_clip])
                 for m in self.modalities}
-        outs = []
+        xs, ps = [], []
         with autocast_context(self.device):
             for a in range(0, len(win_clip), self.batch_windows):
                 sl = slice(a, a + self.batch_windows)
@@ -401,7 +417,17 @@ class Predictor:
                 for m in self.modalities:
                     if drop[m][sl].any():
                         batch = drop_modality(batch, m, drop[m][sl].to(self.device))
-                outs.append(self.model(batch).float().cpu())
+                x, p = self.model.pooled(batch)
+                xs.append(x.float())
+                ps.append(p)
+            x, present = torch.cat(xs), torch.cat(ps)
+            table = group = None
+            if same_speaker and self.speaker_norm:
+                group = torch.zeros(len(x), dtype=torch.long, device=x.device)
+                table = center_table(x, present, group, 1)
+            outs = [self.model.head(x[a:a + self.batch_windows], present[a:a + self.batch_windows], table,
+                                    None if group is None else group[a:a + self.batch_windows]).float().cpu()
+                    for a in range(0, len(x), self.batch_windows)]
         win = torch.cat(outs).numpy()  # [n_windows, C]
         if not np.isfinite(win).all():
             bad = sorted({clips[i].path for i in win_clip[~np.isfinite(win).all(1)]})
