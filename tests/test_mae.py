@@ -461,6 +461,37 @@ def test_factorised_head():
         model(head_dim=-1)
 
 
+def test_unigram_prior_starts_the_head_at_each_positions_most_frequent_code():
+    """With the head's own output zeroed, the prior alone predicts each grid cell's most frequent
+    code, for the masked-patch path of the loss and the every-patch path alike; an old checkpoint
+    without prior buffers loads with a zero prior."""
+    m = model(seed=1)
+    g = torch.Generator().manual_seed(3)
+    counts = {k: torch.randint(0, 50, (int(torch.tensor(DIMS.get(k).grid).prod()), DIMS.get(k).codebook_size),
+                               generator=g) for k in m.names}
+    for k in m.names:
+        m.set_prior(k, counts[k])
+        torch.nn.init.zeros_(m.head[k].proj.weight)
+        torch.nn.init.zeros_(m.head[k].proj.bias)
+    batch = make_batch(pad=False)
+    out = m(batch, gen(0), return_logits=True)
+    for k in m.names:
+        mode = counts[k].argmax(1)  # [K]
+        lay = m.layouts[k]
+        cells = torch.arange(len(mode)).view(1, 1, *lay.grid).expand(1, lay.frames, *lay.grid)
+        want = mode[lay.patchify(cells)[0]]  # [N, P]
+        assert torch.equal(out.logits[k].argmax(-1), want.expand_as(out.logits[k].argmax(-1)))
+        mask = out.mask[k]
+        rows = m.logits(k, torch.zeros(int(mask.sum()), CFG.width), mask.nonzero(as_tuple=True)[1])
+        assert torch.equal(rows.argmax(-1), want[mask.nonzero(as_tuple=True)[1]])
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith("prior.")}
+    fresh = model(seed=1)
+    fresh.load_state_dict(old)
+    assert all((fresh.prior.get_buffer(k) == 0).all() for k in fresh.names)
+    with pytest.raises(ValueError, match="prior counts"):
+        m.set_prior("audio", torch.ones(3, 3))
+
+
 def test_ce_denominator_splits_a_batch_exactly():
     """Two half batches with the global count / 2 as denominator: their mean loss, gradient and
     metrics equal the whole batch's (what DDP's gradient averaging relies on)."""

@@ -42,7 +42,7 @@ from vqmae.config import MAEConfig
 from vqmae.mae import Block, MAEDims, MAEModel
 
 # Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
-DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token")
+DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
 POOLINGS = ("attention", "mean", "cls")
 
 
@@ -92,7 +92,7 @@ class EmotionModel(nn.Module):
         if n_outputs < 1:
             raise ValueError(f"n_outputs={n_outputs} must be positive")
         self.backbone = MAEModel(mae_cfg, dims)
-        for key in ("decoder", "decoder_norm", "head", "dec_pos", "dec_modality", "mask_token"):
+        for key in ("decoder", "decoder_norm", "head", "dec_pos", "dec_modality", "mask_token", "prior"):
             delattr(self.backbone, key)
         self.names = self.backbone.names
         w = mae_cfg.width

@@ -447,6 +447,15 @@ class MAEModel(nn.Module):
             flat = lay.patch_ids * e
             self.patch_proj[m] = nn.Linear(flat, w) if flat != w else nn.Identity()
             self.head[m] = _Head(w, lay.patch_ids, c, cfg.head_dim)
+        # Per token position (grid cell), the log-frequency of each code: added to the head's
+        # logits so the decoder learns what context adds to the unigram (zeros = no prior).
+        self.prior = nn.Module()
+        self._prior_index: dict[str, torch.Tensor] = {}  # [n_patches, patch_ids] grid cell of each id
+        for m, lay in self.layouts.items():
+            k = math.prod(lay.grid)
+            self.prior.register_buffer(m, torch.zeros(k, self.dims.get(m).codebook_size))
+            cells = torch.arange(k).view(1, 1, *lay.grid).expand(1, lay.frames, *lay.grid)
+            self._prior_index[m] = lay.patchify(cells)[0]
         self.enc_pos = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, lay.n_patches, w))
                                          for m, lay in self.layouts.items()})
         self.dec_pos = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, lay.n_patches, w))
@@ -612,9 +621,34 @@ class MAEModel(nn.Module):
         h = self.decoder_norm(h)
         return dict(zip(self.names, h.split([self.layouts[m].n_patches for m in self.names], 1)))
 
-    def logits(self, m: str, h: torch.Tensor) -> torch.Tensor:
-        """Decoder features `[..., width]` → logits `[..., patch_ids, codebook_size]`."""
-        return self.head[m](h)
+    def logits(self, m: str, h: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder features → logits `[..., patch_ids, codebook_size]`, the unigram log-prior of
+        each id's grid cell included: `h` `[B, n_patches, width]` (every patch), or `[M, width]`
+        with `patches` `[M]` the patch index of each row."""
+        out = self.head[m](h)
+        index = self._prior_index[m].to(out.device)
+        if patches is not None:
+            index = index[patches]
+        return out + self.prior.get_buffer(m)[index].to(out.dtype)
+
+    @torch.no_grad()
+    def set_prior(self, m: str, counts: torch.Tensor | Any) -> None:
+        """The log-prior of modality `m` from code counts per token position `[K, C]` (add-one
+        smoothed): the model starts at the per-position unigram baseline."""
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        buf = self.prior.get_buffer(m)
+        if tuple(counts.shape) != tuple(buf.shape):
+            raise ValueError(f"{m} prior counts {list(counts.shape)}, expected {list(buf.shape)}")
+        buf.copy_(torch.log((counts + 1) / (counts + 1).sum(1, keepdim=True)).to(buf.dtype))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As `nn.Module.load_state_dict`; checkpoints written before the unigram prior existed
+        load with a zero prior (their logits are unchanged)."""
+        state = dict(state_dict)
+        for key, value in self.state_dict().items():
+            if key.startswith("prior.") and key not in state:
+                state[key] = torch.zeros_like(value)
+        return super().load_state_dict(state, strict, assign)
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None,
                 mask: Mapping[str, torch.Tensor] | None = None,
@@ -676,7 +710,7 @@ class MAEModel(nn.Module):
             # Padded ids of partly padded patches are ignored rather than indexed away: boolean
             # indexing would copy the (large) logits forward and scatter them back in backward.
             target = inp.ids[m][mask].masked_fill(~tokens, IGNORE)  # [M, P]
-            logits = self.logits(m, dec[m][mask]).flatten(0, 1)  # [M·P, C]
+            logits = self.logits(m, dec[m][mask], mask.nonzero(as_tuple=True)[1]).flatten(0, 1)  # [M·P, C]
             total = F.cross_entropy(logits, target.flatten(), ignore_index=IGNORE,
                                     reduction="sum")
             ce = total / denom.clamp(min=1e-12)  # a zero count has a zero sum: adds nothing

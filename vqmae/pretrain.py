@@ -41,7 +41,8 @@ from vqmae.recon import find_tokenizers, predicted_codes, save_panels
 from vqmae.store import TokenStore
 from vqmae.training import Dist, Reporter, all_reduce_mean, autocast_context, init_distributed, lr_at
 from vqmae.utils import atomic_write_json
-from vqmae.windows import WindowBatch, WindowData, make_batch, tile_windows, unigram_baseline
+from vqmae.windows import (WindowBatch, WindowData, make_batch, position_counts, tile_windows,
+                           unigram_baseline)
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,9 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     opt = torch.optim.AdamW(param_groups(model, pcfg.weight_decay), lr=lr, betas=tuple(pcfg.betas))
     path = run / CKPT_NAME
     step = _resume(path, cfg, model, opt, store, info)
+    if step == 0 and cfg.mae.unigram_prior:  # a resumed run has its prior in the checkpoint
+        for m in model.names:
+            model.set_prior(m, position_counts(store, m, data.train_rows))
     if info.main:
         atomic_write_json(run / "config.json", cfg.to_dict())
     net = model
