@@ -72,7 +72,7 @@ def test_unigram_prior_is_set_from_the_training_clips(tmp_path):
     from vqmae.windows import WindowData, position_counts
 
     store = make_store(tmp_path / "s.zarr")
-    cfg = load_config("tiny", OVERRIDES + ["pretrain.steps=2"])
+    cfg = load_config("tiny", OVERRIDES + ["pretrain.steps=2", "mae.unigram_prior=true"])
     pretrain(store, cfg, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "mae.pt", weights_only=True)["state_dict"]
     train_rows = WindowData(TokenStore.open(store), cfg).train_rows
@@ -80,8 +80,7 @@ def test_unigram_prior_is_set_from_the_training_clips(tmp_path):
         counts = torch.as_tensor(position_counts(TokenStore.open(store), m, train_rows), dtype=torch.float64)
         want = torch.log((counts + 1) / (counts + 1).sum(1, keepdim=True)).float()
         torch.testing.assert_close(state[f"prior.{m}"], want)
-    pretrain(store, load_config("tiny", OVERRIDES + ["pretrain.steps=2", "mae.unigram_prior=false"]),
-             tmp_path / "off")
+    pretrain(store, load_config("tiny", OVERRIDES + ["pretrain.steps=2"]), tmp_path / "off")  # the default
     state = torch.load(tmp_path / "off" / "mae.pt", weights_only=True)["state_dict"]
     assert (state["prior.audio"] == 0).all() and (state["prior.visual"] == 0).all()
 
@@ -131,7 +130,7 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = make_store(tmp_path / "s.zarr")
-    overrides = OVERRIDES + ["mae.contrastive_weight=0.5"]
+    overrides = OVERRIDES + ["mae.contrastive_weight=0.5", "mae.unigram_prior=true"]
     torch.set_num_threads(1)
     one = pretrain(store, load_config("tiny", overrides), tmp_path / "one")
     tmp.spawn(_ddp_worker, args=(2, str(store), str(tmp_path / "ddp"), port, overrides), nprocs=2)
