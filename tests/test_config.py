@@ -8,7 +8,8 @@ from vqmae.config import Config, ConfigError, load_config, valid_keys
 def test_presets_differ_and_roundtrip():
     paper, tiny = load_config("paper"), load_config("tiny")
     assert paper.audio.n_bins == 513 and paper.audio.frame_rate == 50.0
-    assert tiny.preset == "tiny" and tiny.synth.n_speakers < paper.synth.n_speakers
+    clips = lambda c: c.synth.n_speakers * (c.synth.clips_per_speaker + c.synth.audio_only_per_speaker)  # noqa: E731
+    assert tiny.preset == "tiny" and clips(tiny) < clips(paper) and tiny.synth.max_seconds < paper.synth.max_seconds
     for cfg in (paper, tiny):
         assert Config.from_dict(json.loads(cfg.to_json())) == cfg
 

@@ -133,6 +133,15 @@ def test_same_speaker_scores_equal_stage3_speaker_normalised_scores(setup):
     assert not got.failures and [x.path for x in got.predictions] == paths
     for g, w in zip(got.predictions, want):
         np.testing.assert_allclose(g.scores, w, atol=1e-5)
+    # several speakers at once, as stage 3 scores a fold's test speakers: each by its own mean
+    two = np.flatnonzero((store.clips["status"] == "ok") & np.isin(store.clips["speaker"], ["spk1", "spk2"]))
+    speaker_id = np.unique([str(x) for x in store.clips["speaker"].tolist()], return_inverse=True)[1]
+    both, _, _ = predict_clips(p.model, data, two, "av", "cpu", 4, groups=speaker_id)
+    for spk in ("spk1", "spk2"):
+        mine = store.clips["speaker"][two] == spk
+        each = p.predict_many([str(x) for x in store.clips["path"][two[mine]]], same_speaker=True)
+        np.testing.assert_allclose([x.scores for x in each.predictions],
+                                   torch.softmax(torch.from_numpy(both[mine]), -1).numpy(), atol=1e-5)
     alone = p.predict_many(paths)
     assert not np.allclose([x.scores for x in alone.predictions], want, atol=1e-3)
     np.testing.assert_allclose([x.scores for x in alone.predictions], _store_scores(p, store, rows, "av"),

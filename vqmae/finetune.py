@@ -236,7 +236,7 @@ def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic clip scores: every window of every clip, outputs averaged per clip.
 
-    ``groups`` (int64 per row, e.g. speaker ids): with a speaker-normalised model each group's
+    ``groups`` (int64 per store row, e.g. speaker ids): with a speaker-normalised model each group's
     mean pooled features are taken over these rows' windows (in this ``mode``) and subtracted;
     without it the model's stored mean is used.
 
@@ -247,7 +247,7 @@ def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode
     x, present, pos = pooled_windows(model, data, rows, mode, device, batch_size)
     table = group = None
     if model.speaker_norm and groups is not None and len(pos):
-        uniq, inverse = np.unique(np.asarray(groups)[pos], return_inverse=True)
+        uniq, inverse = np.unique(np.asarray(groups)[rows[pos]], return_inverse=True)
         group = torch.from_numpy(inverse.astype(np.int64)).to(x.device)
         table = center_table(x, present, group, len(uniq))
     outs = []
