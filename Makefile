@@ -45,17 +45,21 @@ pretrain:  ## stage 2 on STORE (tiny preset: ~4 min on two CPU cores)
 
 FRACTIONS ?= 0.25,1
 
-finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch, label fractions FRACTIONS
+finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch vs the bag-of-tokens baseline, label fractions FRACTIONS
 	$(BIN)/vqmae finetune $(STORE) --mae $(RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
-		--label-fraction $(FRACTIONS) --run $(RUN)/finetune
+		--label-fraction $(FRACTIONS) --run $(RUN)/finetune --set finetune.inits=pretrained,scratch,tokens
 
-predict:  ## fold 0's pretrained model on the clips of its held-out speaker (never seen in training)
+predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained or scratch) that did best on its validation speakers
 	@test -f $(RUN)/finetune/folds.json || { echo "no $(RUN)/finetune/folds.json: run make finetune first"; exit 2; }
 	@SPK=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['test_speakers'][0])"); \
-	FOLD=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['name'])"); \
-	echo "held-out speaker $$SPK (true labels: $(DATA)/manifest.csv)"; \
+	MODEL=$$($(BIN)/python -c "import json, pathlib; \
+	fold = json.load(open('$(RUN)/finetune/folds.json'))[0]['name']; \
+	units = [pathlib.Path('$(RUN)/finetune/units', v, 'frac1', fold, 'result.json') for v in ('pretrained', 'scratch')]; \
+	best = max(units, key=lambda p: (json.load(open(p))['val'], p.parts[-4] == 'pretrained')); \
+	print(best.parent / 'classifier.pt')"); \
+	echo "held-out speaker $$SPK (true labels: $(DATA)/manifest.csv); model $$MODEL (best on the validation speakers)"; \
 	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --same-speaker --device $(DEVICE) \
-		--model $(RUN)/finetune/units/pretrained/frac1/$$FOLD/classifier.pt --csv $(RUN)/predict.csv
+		--model $$MODEL --csv $(RUN)/predict.csv
 
 demo:  ## synth → tokenize → store summary → pretrain → finetune → predict → results (tiny preset, two CPU cores)
 	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain $(RUN)/finetune

@@ -465,7 +465,7 @@ def test_unigram_prior_starts_the_head_at_each_positions_most_frequent_code():
     """With the head's own output zeroed, the prior alone predicts each grid cell's most frequent
     code, for the masked-patch path of the loss and the every-patch path alike; an old checkpoint
     without prior buffers loads with a zero prior."""
-    m = model(seed=1)
+    m = model(seed=1, unigram_prior=True)
     g = torch.Generator().manual_seed(3)
     counts = {k: torch.randint(0, 50, (int(torch.tensor(DIMS.get(k).grid).prod()), DIMS.get(k).codebook_size),
                                generator=g) for k in m.names}
@@ -485,7 +485,7 @@ def test_unigram_prior_starts_the_head_at_each_positions_most_frequent_code():
         rows = m.logits(k, torch.zeros(int(mask.sum()), CFG.width), mask.nonzero(as_tuple=True)[1])
         assert torch.equal(rows.argmax(-1), want[mask.nonzero(as_tuple=True)[1]])
     old = {k: v for k, v in m.state_dict().items() if not k.startswith("prior.")}
-    fresh = model(seed=1)
+    fresh = model(seed=1, unigram_prior=True)
     fresh.load_state_dict(old)
     assert all((fresh.prior.get_buffer(k) == 0).all() for k in fresh.names)
     with pytest.raises(ValueError, match="prior counts"):

@@ -138,8 +138,8 @@ class MAEConfig:
     # training clips are added to the logits (a fixed buffer set by `vqmae pretrain`), so training
     # spends its steps on what the context adds. Off by default: on a tiny 12-speaker store (500
     # steps) it lowered the validation CE (visual 3.48 vs 3.99) and raised the masked-token accuracy
-    # (still below the unigram baseline) but not the fine-tuned UAR, and cost 21% of the CPU
-    # throughput (47 vs 60 windows/s).
+    # (still below the unigram baseline) but not the fine-tuned UAR; adding it costs a logits-sized
+    # gather per step (benchmarks/pretrain.py --variant mae.unigram_prior=true).
     unigram_prior: bool = False
 
 

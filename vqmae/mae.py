@@ -626,6 +626,8 @@ class MAEModel(nn.Module):
         each id's grid cell included: `h` `[B, n_patches, width]` (every patch), or `[M, width]`
         with `patches` `[M]` the patch index of each row."""
         out = self.head[m](h)
+        if not self.cfg.unigram_prior:  # the buffer stays zero: skip the gather (a logits-sized copy)
+            return out
         index = self._prior_index[m].to(out.device)
         if patches is not None:
             index = index[patches]
