@@ -291,10 +291,10 @@ def _tiny() -> Config:
                                dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
-        # Measured on the tiny demo store (CPU, 2 cores, 4 min): held-out masked-token accuracy at
-        # the last step, audio 0.149 vs unigram 0.139, visual 0.287 vs 0.232. With 800 steps visual
-        # rose to 0.406 but audio fell back to 0.132 (30 training clips: it overfits). 0.4 s windows
-        # and the factorised head keep the CE over the visual tokens affordable on a CPU.
+        # Measured on the 12-speaker tiny demo store (CPU, 2 cores, 3 min): held-out masked-token
+        # accuracy at the last step, audio 0.158 vs unigram 0.211, visual 0.121 vs 0.158 (1,000 steps:
+        # 0.17 / 0.13): too small to learn the task, and fine-tuning from it trails scratch (README).
+        # 0.4 s windows and the factorised head keep the CE over the visual tokens affordable on a CPU.
         mae=MAEConfig(width=64, heads=2, encoder_depth=2, decoder_depth=1, head_dim=16,
                       window_seconds=0.4),
         pretrain=PretrainConfig(steps=500, batch_size=16, base_lr=0.128, warmup_steps=40,
@@ -303,8 +303,8 @@ def _tiny() -> Config:
         # The demo corpus (measured 2026-11-24, README "Fine-tuning on the tiny demo store"): with
         # 4 speakers (2 training speakers per fold) nothing learned transferred to a new speaker
         # (AV UAR 0.20-0.34 whatever the model); 12 speakers × 8 clips acted at strong intensity
-        # (expressiveness 3) with speaker normalisation reach AV UAR 0.60 ± 0.09 from scratch,
-        # and 0.46 at expressiveness 2, 0.44 at 1 (the paper preset's profiles as written).
+        # (expressiveness 3) with speaker normalisation reach AV UAR 0.66 ± 0.14 from scratch,
+        # 0.59 at expressiveness 2 and 0.44 at 1 (the paper preset's profiles as written).
         finetune=FinetuneConfig(folds=4, epochs=12, batch_size=16, lr=1e-3, head_lr=3e-3,
                                 eval_batch=128),
         synth=SynthConfig(n_speakers=12, clips_per_speaker=8, audio_only_per_speaker=2,
