@@ -53,7 +53,7 @@ def predict(
         console.print("note: this classifier is speaker-normalised; if these files are one speaker's "
                       "clips, --same-speaker scores them as fine-tuning scored its test speakers")
     if json_out is not None:
-        atomic_write_bytes(json_out, (json.dumps(to_json(result, predictor, modality, timeline),
+        atomic_write_bytes(json_out, (json.dumps(to_json(result, predictor, modality, timeline, same_speaker),
                                                  indent=2) + "\n").encode())
         console.print(f"wrote {json_out}")
     if csv_out is not None:
@@ -119,9 +119,12 @@ def _print_timeline(p: Prediction) -> None:
     console.print(table)
 
 
-def to_json(result: PredictResult, predictor: Predictor, modality: str, timeline: bool) -> dict[str, Any]:
+def to_json(result: PredictResult, predictor: Predictor, modality: str, timeline: bool,
+            same_speaker: bool = False) -> dict[str, Any]:
+    # speaker_norm: whose mean features a speaker-normalised model subtracted (null: none)
+    norm = None if not predictor.speaker_norm else "these files" if same_speaker else "training speakers"
     return {"model": str(predictor.path), "task": predictor.task_kind, "names": list(predictor.names),
-            "modality": modality,
+            "modality": modality, "speaker_norm": norm,
             "predictions": [p.to_dict(timeline=timeline) for p in result.predictions],
             "failures": [_failure_dict(f) for f in result.failures]}
 

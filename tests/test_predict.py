@@ -298,11 +298,14 @@ def test_cli_same_speaker(setup, tmp_path, monkeypatch):
     monkeypatch.setattr("cli.predict.console", Console(width=200))
     files = [str(corpus / f) for f in ("v10.mp4", "v11.mp4", "a1.wav")]
     out_csv = tmp_path / "r.csv"
-    base = [*files, "--model", str(ckpt), "--workers", "0", "--device", "cpu", "--csv", str(out_csv)]
+    base = [*files, "--model", str(ckpt), "--workers", "0", "--device", "cpu", "--csv", str(out_csv),
+            "--json", str(tmp_path / "r.json")]
     res = CliRunner().invoke(_cli(), base)
     assert res.exit_code == 0 and "--same-speaker scores them" in " ".join(res.output.split()), res.output
+    assert json.loads((tmp_path / "r.json").read_text())["speaker_norm"] == "training speakers"
     res = CliRunner().invoke(_cli(), [*base, "--same-speaker"])
     assert res.exit_code == 0 and "--same-speaker scores them" not in res.output, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["speaker_norm"] == "these files"
     want = p.predict_many(files, same_speaker=True).predictions
     rows = [r for r in csv.DictReader(io.StringIO(out_csv.read_text())) if r["start"] == ""]
     assert [r["path"] for r in rows] == files
