@@ -146,6 +146,23 @@ class EmotionModel(nn.Module):
         return self.head(x, present, table, group)  # [B, n_outputs]
 
 
+@torch.no_grad()
+def head_outputs(model: EmotionModel, x: torch.Tensor, present: torch.Tensor, group: torch.Tensor | None,
+                 batch_size: int) -> torch.Tensor:
+    """Outputs `[N, n_outputs]` (float32, CPU) of pooled windows `x` `[N, M, D]`, `present`
+    `[N, M]`, in batches. With `group` `[N]` (dense ids from 0) a speaker-normalised model subtracts
+    each group's mean over these windows; without it, its stored mean."""
+    table = None
+    if model.speaker_norm and group is not None and len(x):
+        table = center_table(x, present, group, int(group.max()) + 1)
+    else:
+        group = None
+    outs = [model.head(x[a:a + batch_size], present[a:a + batch_size], table,
+                       None if group is None else group[a:a + batch_size]).float().cpu()
+            for a in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0, model.out.out_features)
+
+
 def n_patterns(n_modalities: int) -> int:
     """Presence patterns of `n_modalities` (bit m set: modality m present); 0 is never scored."""
     return 2 ** n_modalities

@@ -52,7 +52,8 @@ from vqmae import baseline
 from vqmae import folds as folds_mod
 from vqmae import metrics as M
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, restore_rng, save_checkpoint
-from vqmae.classifier import EmotionModel, center_table, drop_modality, load_encoder, mean_center
+from vqmae.classifier import (EmotionModel, center_table, drop_modality, head_outputs, load_encoder,
+                              mean_center)
 from vqmae.config import Config, FinetuneConfig, MAEConfig
 from vqmae.datasets import EMOTIONS
 from vqmae.mae import MAEDims
@@ -245,18 +246,13 @@ def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode
     was = model.training
     model.eval()
     x, present, pos = pooled_windows(model, data, rows, mode, device, batch_size)
-    table = group = None
-    if model.speaker_norm and groups is not None and len(pos):
-        uniq, inverse = np.unique(np.asarray(groups)[rows[pos]], return_inverse=True)
+    group = None
+    if groups is not None:  # dense ids of the scored rows' groups
+        inverse = np.unique(np.asarray(groups)[rows[pos]], return_inverse=True)[1]
         group = torch.from_numpy(inverse.astype(np.int64)).to(x.device)
-        table = center_table(x, present, group, len(uniq))
-    outs = []
     with autocast_context(device):
-        for a in range(0, len(pos), batch_size):
-            sl = slice(a, a + batch_size)
-            outs.append(model.head(x[sl], present[sl], table, None if group is None else group[sl])
-                        .float().cpu())
-    win = torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+        win = head_outputs(model, x, present, group, batch_size).numpy() if len(pos) else \
+            np.zeros((0, 0), np.float32)
     clip = np.zeros((len(rows), win.shape[1] if win.size else 0), np.float64)
     np.add.at(clip, pos, win)
     clip /= np.bincount(pos, minlength=len(rows))[:, None].clip(min=1)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, load_tokenizer
-from vqmae.classifier import EmotionModel, center_table, drop_modality
+from vqmae.classifier import EmotionModel, drop_modality, head_outputs
 from vqmae.config import Config, ConfigError, MAEConfig, _from_dict, set_key
 from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
 from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
@@ -420,15 +420,9 @@ class Predictor:
                 x, p = self.model.pooled(batch)
                 xs.append(x.float())
                 ps.append(p)
-            x, present = torch.cat(xs), torch.cat(ps)
-            table = group = None
-            if same_speaker and self.speaker_norm:
-                group = torch.zeros(len(x), dtype=torch.long, device=x.device)
-                table = center_table(x, present, group, 1)
-            outs = [self.model.head(x[a:a + self.batch_windows], present[a:a + self.batch_windows], table,
-                                    None if group is None else group[a:a + self.batch_windows]).float().cpu()
-                    for a in range(0, len(x), self.batch_windows)]
-        win = torch.cat(outs).numpy()  # [n_windows, C]
+            x = torch.cat(xs)
+            group = torch.zeros(len(x), dtype=torch.long, device=x.device) if same_speaker else None
+            win = head_outputs(self.model, x, torch.cat(ps), group, self.batch_windows).numpy()  # [n_windows, C]
         if not np.isfinite(win).all():
             bad = sorted({clips[i].path for i in win_clip[~np.isfinite(win).all(1)]})
             raise InputError(bad[0], "the model produced non-finite outputs")
