@@ -10,7 +10,7 @@ import torch
 
 from vqmae.config import MAEConfig, load_config
 from vqmae.mae import (MAEDims, MAEModel, ModalityDims, flops_per_window, masking_from,
-                       patch_layout)
+                       patch_layout, sincos_positions)
 
 # Paper patch sizes on smaller grids: visual 8×8 tokens × 50 frames → 2×2×10 = 40 tubes of 80 ids,
 # audio 8 tokens × 100 frames → 2×10 = 20 patches of 40 ids; 10 time steps in both.
@@ -69,6 +69,30 @@ def test_patchify_round_trip_and_layout():
     # trailing dims (logits) follow the ids back into place
     logits = torch.randn(2, 160, 40, 3)
     assert torch.equal(aud.patchify(aud.unpatchify(logits)[..., 1]), logits[..., 1])
+
+
+def test_sincos_positions_code_time_and_grid_in_patch_order():
+    m = model()
+    lay_a, lay_v = m.layouts["audio"], m.layouts["visual"]
+    pa, pv = sincos_positions(lay_a, 32)[0], sincos_positions(lay_v, 32)[0]
+    assert pa.shape == (lay_a.n_patches, 32) and pv.shape == (lay_v.n_patches, 32)
+    d_time = 32 // 3 // 2 * 2
+    ta, tv = lay_a.time_index(), lay_v.time_index()
+    # the time channels depend on the time step only, and equally in both modalities
+    for t in range(lay_v.n_time):
+        assert torch.allclose(pv[tv == t, :d_time], pa[ta == t][0, :d_time].expand(int((tv == t).sum()), -1))
+    assert not torch.allclose(pv[tv == 0, :d_time][0], pv[tv == 1, :d_time][0])
+    # every patch of a modality has its own code
+    assert torch.cdist(pv, pv).add(torch.eye(len(pv)) * 9).min() > 1e-3
+    assert torch.cdist(pa, pa).add(torch.eye(len(pa)) * 9).min() > 1e-3
+    # patch 1 is the next grid column of patch 0 (time-major, then rows, then columns)
+    assert torch.allclose(pv[0, :d_time], pv[1, :d_time])
+    # the model starts from them (learnable), or from small random values
+    assert torch.allclose(m.enc_pos["visual"].detach()[0], pv) and m.enc_pos["visual"].requires_grad
+    assert torch.allclose(m.dec_pos["audio"].detach()[0], pa)
+    assert model(pos_init="random").enc_pos["visual"].abs().max() < 0.1
+    with pytest.raises(ValueError, match="pos_init"):
+        model(pos_init="rope")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -163,6 +163,34 @@ class PatchLayout:
         return torch.arange(self.n_patches, device=device) // per_step
 
 
+def _sincos(n: int, dim: int) -> torch.Tensor:
+    """`[n, dim]` sin / cos of positions 0..n-1 at `dim // 2` geometric frequencies (1 to 1/100)."""
+    freq = torch.exp(-math.log(100.0) * torch.arange(dim // 2, dtype=torch.float64) / max(dim // 2, 1))
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq
+    out = torch.cat([angle.sin(), angle.cos()], 1)
+    return torch.cat([out, out.new_zeros(n, dim - out.shape[1])], 1).float()
+
+
+def sincos_positions(lay: PatchLayout, width: int) -> torch.Tensor:
+    """`[1, n_patches, width]` sin-cos codes of each patch's time step and grid position, in
+    `patchify` order. The first third of the channels code time, with the same frequencies in
+    every modality, so equal time steps get equal time codes; the rest are split between the grid
+    axes."""
+    k = len(lay.n_spatial)
+    d_time = width // 3 // 2 * 2
+    rest = width - d_time
+    dims = [rest // k // 2 * 2] * (k - 1)
+    dims.append(rest - sum(dims))
+    axes = [_sincos(lay.n_time, d_time)] + [_sincos(n, d) for n, d in zip(lay.n_spatial, dims)]
+    sizes = (lay.n_time, *lay.n_spatial)
+    parts = []
+    for i, table in enumerate(axes):  # broadcast axis i's code over the others
+        shape = [1] * len(sizes) + [table.shape[1]]
+        shape[i] = sizes[i]
+        parts.append(table.view(shape).expand(*sizes, table.shape[1]))
+    return torch.cat(parts, -1).reshape(1, lay.n_patches, width)
+
+
 def patch_layout(name: str, dims: ModalityDims, cfg: MAEConfig) -> PatchLayout:
     """Check that the configured patch divides the modality's grid and window, with a clear error."""
     patch = tuple(cfg.visual_tube if name == "visual" else cfg.audio_patch)
@@ -478,6 +506,12 @@ class MAEModel(nn.Module):
         for p in [*self.enc_pos.values(), *self.dec_pos.values(), *self.enc_modality.values(),
                   *self.dec_modality.values(), self.mask_token]:
             nn.init.trunc_normal_(p, std=0.02)
+        if cfg.pos_init == "sincos":
+            with torch.no_grad():
+                for m, lay in self.layouts.items():
+                    table = sincos_positions(lay, w)
+                    self.enc_pos[m].copy_(table)
+                    self.dec_pos[m].copy_(table)
 
     def _check_config(self) -> None:
         cfg = self.cfg
@@ -493,6 +527,8 @@ class MAEModel(nn.Module):
                 raise ValueError(f"mae.{key}={getattr(cfg, key)} must lie in [0, 1]")
         if cfg.head_dim < 0:
             raise ValueError(f"mae.head_dim={cfg.head_dim} must be 0 (linear head) or positive")
+        if cfg.pos_init not in ("sincos", "random"):
+            raise ValueError(f"mae.pos_init={cfg.pos_init!r}: expected 'sincos' or 'random'")
         if cfg.fusion not in ("joint", "cross"):
             raise ValueError(f"mae.fusion={cfg.fusion!r}: expected 'joint' or 'cross'")
 
