@@ -38,10 +38,19 @@ def pretrain(
     table = Table(title=f"pretraining at step {result.step} (validation clips)")
     for col in ("modality", "masked-token accuracy", "unigram baseline"):
         table.add_column(col, justify="right")
+    behind = []
     for m in ("audio", "visual"):
         if f"val/acc_{m}" in result.val:
-            table.add_row(m, f"{result.val[f'val/acc_{m}']:.3f}", f"{result.unigram.get(f'unigram/{m}', float('nan')):.3f}")
+            acc, base = result.val[f"val/acc_{m}"], result.unigram.get(f"unigram/{m}", float("nan"))
+            table.add_row(m, f"{acc:.3f}", f"{base:.3f}")
+            if acc <= base:
+                behind.append(f"{m} {acc:.3f} ≤ {base:.3f}")
     console.print(table)
+    if behind:
+        console.print(f"[yellow]warning:[/yellow] masked-token accuracy not above the unigram baseline "
+                      f"({'; '.join(behind)}): the model does not use the visible context yet, and "
+                      f"fine-tuning from it may trail training from scratch. More steps, or see "
+                      f"README stage 2 (masking, position init).")
     console.print(f"validation loss {result.val.get('val/loss_total', float('nan')):.4f}, "
                   f"{result.windows_per_s:.1f} windows/s; checkpoint [bold]{result.checkpoint}[/bold]")
     panels = sorted((run / "recon").glob("*.png"))

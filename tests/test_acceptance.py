@@ -1,5 +1,5 @@
 """Stage 2 and 3 acceptance on the tiny demo corpus, through the CLI a user types (slow: about
-8 minutes on two CPU cores; `make test-slow`).
+7 minutes on two CPU cores; `make test-slow`).
 
 synth → tokenize → pretrain → finetune with a quarter of the labels, 4 speaker folds: the
 pretraining must learn more than each grid cell's most frequent code, and the model fine-tuned
@@ -16,9 +16,10 @@ from cli.main import app
 pytestmark = pytest.mark.slow
 
 
-def _run(*args: str) -> None:
+def _run(*args: str) -> str:
     res = CliRunner().invoke(app, list(args))
     assert res.exit_code == 0, res.output
+    return res.output
 
 
 def _uar(rows: list[dict], variant: str, mode: str) -> float:
@@ -32,7 +33,8 @@ def test_tiny_demo_pretraining_beats_unigram_and_scratch(tmp_path):
     _run("synth", str(corpus), "--preset", "tiny", "--workers", "2")
     _run("tokenize", str(corpus), "--out", str(store), "--face", "haar", "--preset", "tiny",
          "--workers", "2", "--run-dir", str(tmp_path / "tokenize"))
-    _run("pretrain", str(store), "--preset", "tiny", "--run-dir", str(tmp_path / "pretrain"))
+    out = _run("pretrain", str(store), "--preset", "tiny", "--run-dir", str(tmp_path / "pretrain"))
+    assert "not above the unigram baseline" not in " ".join(out.split())
     summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
     for m, s in summary["modalities"].items():
         assert s["masked_token_accuracy"] > s["unigram_accuracy"] + 0.02, (m, s)

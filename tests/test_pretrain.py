@@ -21,16 +21,18 @@ OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encod
              "pretrain.val_fraction=0.25"]
 
 
-def make_store(path, sha="a" * 64, n_clips=8, seed=0):
+def make_store(path, sha="a" * 64, n_clips=8, seed=0, shared=False):
+    """`shared`: every clip has the same codes per position (the unigram baseline is near 1)."""
     rng = np.random.default_rng(seed)
     specs = {"audio": ModalitySpec("audio", 16, (8,), 50.0, sha),
              "visual": ModalitySpec("visual", 32, (8, 8), 25.0, "b" * 64)}
     with StoreWriter(path, specs) as w:
         for i in range(n_clips):
             tv = int(rng.integers(6, 30))  # some clips shorter than a window
-            base = rng.integers(0, 16, 8)  # a per-clip spectrum-like pattern, learnable
+            src = np.random.default_rng(seed + 1) if shared else rng
+            base = src.integers(0, 16, 8)  # a per-clip spectrum-like pattern, learnable
             audio = (base + rng.integers(0, 2, (2 * tv, 8))) % 16
-            visual = np.tile(rng.integers(0, 32, 64), (tv, 1))
+            visual = np.tile(src.integers(0, 32, 64), (tv, 1))
             w.add({"clip_id": f"c{i}", "index": i, "speaker": f"s{i % 3}"},
                   {"audio": audio, "visual": visual})
     merge(path)
@@ -94,13 +96,20 @@ def test_resume_refuses_store_with_other_tokenizer(tmp_path):
 
 
 def test_cli_pretrain(tmp_path):
-    store = make_store(tmp_path / "s.zarr")
+    store = make_store(tmp_path / "s.zarr", shared=True)
     args = ["pretrain", str(store), "--run-dir", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu"]
     for o in OVERRIDES:
         args += ["--set", o]
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, args + ["--max-steps", "1"])
     assert res.exit_code == 0, res.output
     assert "masked-token accuracy" in res.output and (tmp_path / "run" / "summary.json").exists()
+    # one step in, the model is near chance, far below a unigram baseline near 1: said so
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["modalities"]
+    out = " ".join(res.output.split())
+    assert "warning: masked-token accuracy not above the unigram baseline" in out
+    for m, s in summary.items():
+        assert s["masked_token_accuracy"] <= s["unigram_accuracy"]
+        assert f"{m} {s['masked_token_accuracy']:.3f} ≤ {s['unigram_accuracy']:.3f}" in out
 
 
 def _ddp_worker(rank, world, store, run, port, overrides):
