@@ -3,8 +3,8 @@
     python benchmarks/fingerprint.py --work DIR [--out fingerprint.json]
 
 Runs the CLI as a user would (tiny preset): `synth` → `tokenize` → `pretrain` for 50 steps logged
-every step, then writes one JSON with the SHA-256 of every code array in the store (its decoded
-values, not its chunk files) and the 50 pretraining losses. Two runs on one machine compare with
+every step, then writes one JSON with the SHA-256 of every array in the store (its decoded values,
+not its chunk files; all but the absolute media paths) and the 50 pretraining losses. Two runs on one machine compare with
 `diff`. (Float kernels differ between CPUs: compare fingerprints made on the same machine.)
 """
 
@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# this folder holds tokenize.py, which would shadow the standard library's module of that name
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def vqmae(*args: str) -> None:
@@ -34,9 +37,17 @@ def code_hashes(store: Path) -> dict[str, str]:
         out[name] = hashlib.sha256(np.ascontiguousarray(arr[...]).tobytes()).hexdigest()
     for name, group in sorted(root.groups()):
         for aname, arr in sorted(group.arrays()):
+            if f"{name}/{aname}" == "clips/path":  # absolute paths: they name the --work folder
+                continue
             data = np.ascontiguousarray(arr[...])
             out[f"{name}/{aname}"] = hashlib.sha256(data.tobytes()).hexdigest()
     return out
+
+
+def summary(w: Path, seconds: float) -> dict:
+    rows = [json.loads(line) for line in open(w / "pretrain" / "metrics.jsonl")]
+    losses = [r["loss/total"] for r in rows if "loss/total" in r]
+    return {"codes": code_hashes(w / "tokens.zarr"), "losses": losses, "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -44,9 +55,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="scratch directory (corpus, store, runs)")
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: print)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--hash-only", action="store_true", help="summarise an earlier run in --work")
     args = ap.parse_args()
     w = args.work
     t0 = time.perf_counter()
+    if args.hash_only:
+        print(json.dumps(summary(w, 0.0), indent=1))
+        return
     if not (w / "corpus" / "manifest.csv").exists():
         vqmae("synth", str(w / "corpus"), "--preset", "tiny", "--force")
     vqmae("tokenize", str(w / "corpus"), "--out", str(w / "tokens.zarr"), "--face", "haar",
@@ -55,11 +70,7 @@ def main() -> None:
           "--run-dir", str(w / "pretrain"), "--set", f"pretrain.steps={args.steps}",
           "--set", "pretrain.log_every=1", "--set", f"pretrain.val_every={args.steps}",
           "--set", f"pretrain.ckpt_every={args.steps}", "--set", f"pretrain.recon_every={args.steps}")
-    rows = [json.loads(line) for line in open(w / "pretrain" / "metrics.jsonl")]
-    losses = [r["loss/total"] for r in rows if "loss/total" in r]
-    result = {"codes": code_hashes(w / "tokens.zarr"), "losses": losses,
-              "seconds": round(time.perf_counter() - t0, 1)}
-    text = json.dumps(result, indent=1)
+    text = json.dumps(summary(w, time.perf_counter() - t0), indent=1)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)

@@ -4,7 +4,7 @@ Methods, each run in a fresh subprocess so its peak RSS is its own:
   ram        codes loaded once, one fancy-index gather per batch (WindowData.train_batches)
   stream-w0  StreamingWindows iterated in the main process (ram_limit_gb=0 forces it)
   stream-w2  the same through DataLoader(num_workers=2)
-  naive      one TokenStore.read_windows call per window and modality (the baseline DESIGN.md
+  naive      one TokenStore.read_windows call per window and modality (the baseline docs/design.md
              §3 rules out), gathered into the same batches
 
     .venv/bin/python benchmarks/loader.py --clips 2000 --seconds-per-clip 8

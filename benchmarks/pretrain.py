@@ -53,8 +53,9 @@ from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from vqmae.config import Config, StoreConfig, load_config  # noqa: E402
-from vqmae.mae import MAEDims, MAEModel, flops_per_window, patch_layout  # noqa: E402
-from vqmae.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups  # noqa: E402
+from vqmae.models.layout import MAEDims, flops_per_window, patch_layout  # noqa: E402
+from vqmae.models.mae import MAEModel  # noqa: E402
+from vqmae.stages.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups  # noqa: E402
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge  # noqa: E402
 from vqmae.training import autocast_context  # noqa: E402
 from vqmae.windows import WindowData  # noqa: E402
@@ -206,7 +207,7 @@ def nominal_mask_ratio(cfg: Config, dims: MAEDims) -> float:
 
 
 def measure_train(job: dict[str, Any]) -> dict[str, Any]:
-    """Windows/s of the training step (as `vqmae.pretrain.pretrain` runs it) on staged batches."""
+    """Windows/s of the training step (as `vqmae.stages.pretrain.pretrain` runs it) on staged batches."""
     cfg, device = job_config(job), job["device"]
     pcfg = cfg.pretrain
     store = TokenStore.open(job["path"])
@@ -367,7 +368,7 @@ def print_report(console: Console, style: box.Box, res: dict[str, Any], base: Co
     console.print(trainer)
     mm = res["matmul"]
     console.print(f"(c) matmul peak: {mm['dtype']} {mm['n']}×{mm['n']} → {peak:.4f} TFLOP/s; "
-                  f"GFLOP/window = vqmae.mae.flops_per_window (fwd + bwd) at mask ratio "
+                  f"GFLOP/window = vqmae.models.mae.flops_per_window (fwd + bwd) at mask ratio "
                   f"{train[0]['mask_ratio'] if train else math.nan:g}")
     if train:
         ratio = feed / max(r["windows_per_s"] for r in train)  # the hungriest model binds

@@ -3,7 +3,7 @@
 Three ways to gather a batch of B windows of L audio frames (64 tokens each):
   ram      codes loaded once, one vectorised fancy-index per batch (what stage 2 should use)
   batched  codes left in Zarr, ONE `oindex` read of the distinct rows per batch
-  naive    one Zarr slice per window (the baseline DESIGN.md §3 rules out)
+  naive    one Zarr slice per window (the baseline docs/design.md §3 rules out)
 
     .venv/bin/python benchmarks/store_read.py --clips 1000 --frames 500
 """

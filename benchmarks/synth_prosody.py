@@ -31,7 +31,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqmae import synth  # noqa: E402
+from vqmae import demo as synth  # noqa: E402
 from vqmae.config import load_config  # noqa: E402
 
 FEATURES = ("log_f0_mean", "log_f0_std", "voiced", "energy_std", "tilt", "peaks_per_s", "active")

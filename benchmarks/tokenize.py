@@ -49,8 +49,8 @@ def main() -> None:
     from vqmae.datasets import scan
     from vqmae.ingest import get_cropper, load_clip
     from vqmae.media import iter_video, read_audio
-    from vqmae.tokenize import encode_frames
-    from vqmae.tokenizers import build_tokenizer
+    from vqmae.stages.tokenize import encode_frames
+    from vqmae.models.tokenizers import build_tokenizer
 
     cfg = load_config(args.preset, [f"face.mode={args.face}"])
     clips = [c for c in scan(args.data).clips if c.has_video][: args.clips]

@@ -40,7 +40,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 class RichReporter:
-    """`vqmae.tokenize.Reporter` drawn as rich progress bars (one per named phase)."""
+    """`vqmae.training.Reporter` drawn as rich progress bars (one per named phase)."""
 
     def __init__(self, console: Console):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

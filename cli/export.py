@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.common import console, err_console, setup_logging
-from vqmae.export import MANIFEST, ExportError, ExportResult, export_model
+from vqmae.stages.export import MANIFEST, ExportError, ExportResult, export_model
 from vqmae.utils import resolve_device
 
 

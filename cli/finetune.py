@@ -10,7 +10,8 @@ from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
 from vqmae.checkpoint import CheckpointError
-from vqmae.finetune import FinetuneError, finetune as run_finetune
+from vqmae.encoding import TokenizeError
+from vqmae.stages.finetune import FinetuneError, finetune as run_finetune
 from vqmae.metrics import format_mean_std
 from vqmae.store import StoreError
 from vqmae.utils import resolve_device
@@ -49,11 +50,10 @@ def finetune(
     run = run_dir or Path("runs") / f"finetune-{store.name.removesuffix('.zarr')}"
     dev = resolve_device(device)
     try:
-        noisy = _noisy_stores(store, cfg, run, dev, workers)
         with RichReporter(console) as reporter:
             result = run_finetune(store, cfg, run, mae=None if from_scratch else mae, device=dev,
-                                  reporter=reporter, split_file=split_file, noisy_stores=noisy)
-    except (StoreError, FinetuneError, CheckpointError, ValueError) as e:
+                                  reporter=reporter, split_file=split_file, workers=workers)
+    except (StoreError, FinetuneError, TokenizeError, CheckpointError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     _print_summary(result.summary)
@@ -61,25 +61,9 @@ def finetune(
                   f"plots {', '.join(p.name for p in sorted(run.glob('*.png')))}; models in {run / 'units'}")
 
 
-def _noisy_stores(store: Path, cfg, run: Path, device: str, workers: int) -> dict[float, Path]:
-    if not cfg.finetune.noise_snrs:
-        return {}
-    from vqmae.noise import NoiseSpec, noisy_store
-
-    out = {}
-    for snr in cfg.finetune.noise_snrs:
-        path = run / "noisy" / f"{cfg.finetune.noise_kind}{snr:g}dB.zarr"
-        console.print(f"re-tokenizing the store's clips with {cfg.finetune.noise_kind} noise at {snr:g} dB → {path}")
-        with RichReporter(console) as reporter:
-            out[snr] = noisy_store(store, path, NoiseSpec(snr, cfg.finetune.noise_kind, cfg.seed), cfg=cfg,
-                                   device=device, workers=workers, reporter=reporter)
-    return out
-
-
 def _print_summary(summary: dict) -> None:
     task = summary["task"]
-    keys = {"classify": ["war", "uar", "macro_f1"], "multilabel": ["macro_f1", "macro_auc", "micro_f1"],
-            "regress": ["ccc"] + [f"ccc/{n}" for n in task["names"]]}[task["kind"]]
+    keys = summary["metrics"]
     table = Table(title=f"{task['kind']} — {summary['folds']} speaker-independent folds "
                         f"({summary['protocol']}), mean ± std over folds")
     for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.common import RichReporter, console, err_console, setup_logging
-from vqmae.ingest import Failure
-from vqmae.predict import MODES, Prediction, PredictError, Predictor, PredictResult
+from vqmae.stages.predict import MODES, Prediction, PredictError, Predictor, PredictResult, to_csv, to_json
 from vqmae.utils import atomic_write_bytes, resolve_device
 
 
@@ -53,8 +50,10 @@ def predict(
         console.print("note: this classifier is speaker-normalised; if these files are one speaker's "
                       "clips, --same-speaker scores them as fine-tuning scored its test speakers")
     if json_out is not None:
-        atomic_write_bytes(json_out, (json.dumps(to_json(result, predictor, modality, timeline, same_speaker),
-                                                 indent=2) + "\n").encode())
+        norm = None if not predictor.speaker_norm else "these files" if same_speaker else "training speakers"
+        doc = to_json(result, model=str(predictor.path), task=predictor.task.kind, names=predictor.names,
+                      modality=modality, timeline=timeline, speaker_norm=norm)
+        atomic_write_bytes(json_out, (json.dumps(doc, indent=2) + "\n").encode())
         console.print(f"wrote {json_out}")
     if csv_out is not None:
         atomic_write_bytes(csv_out, to_csv(result, predictor.names, timeline).encode())
@@ -64,13 +63,13 @@ def predict(
 
 
 def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
-    kind = predictor.task_kind
+    kind, values = predictor.task.kind, predictor.task.values
     base = _common_folder([p.path for p in result.predictions])
     table = Table(title=f"{kind}: {', '.join(predictor.names)} — {predictor.path}",
                   caption=f"files in {base}" if base else None)
     table.add_column("file", overflow="fold")
     table.add_column("modality")
-    if kind == "regress":
+    if values:
         for name in predictor.names:
             table.add_column(name, justify="right")
     else:
@@ -78,7 +77,7 @@ def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
         table.add_column("probability", justify="right")
         table.add_column("others")
     for p in result.predictions:
-        if kind == "regress":
+        if values:
             table.add_row(_short(p.path, base), p.modality, *[f"{v:+.3f}" for v in p.scores])
         else:
             others = sorted(((float(s), n) for n, s in zip(p.names, p.scores) if n != p.top), reverse=True)
@@ -117,35 +116,3 @@ def _print_timeline(p: Prediction) -> None:
     for start, scores in zip(p.starts, p.window_scores):
         table.add_row(f"{start:.2f}", *[f"{v:.3f}" for v in scores])
     console.print(table)
-
-
-def to_json(result: PredictResult, predictor: Predictor, modality: str, timeline: bool,
-            same_speaker: bool = False) -> dict[str, Any]:
-    # speaker_norm: whose mean features a speaker-normalised model subtracted (null: none)
-    norm = None if not predictor.speaker_norm else "these files" if same_speaker else "training speakers"
-    return {"model": str(predictor.path), "task": predictor.task_kind, "names": list(predictor.names),
-            "modality": modality, "speaker_norm": norm,
-            "predictions": [p.to_dict(timeline=timeline) for p in result.predictions],
-            "failures": [_failure_dict(f) for f in result.failures]}
-
-
-def _failure_dict(f: Failure) -> dict[str, str]:
-    return {"path": f.path, "status": "failed", "stage": f.stage, "reason": f.reason}
-
-
-def to_csv(result: PredictResult, names: tuple[str, ...], timeline: bool) -> str:
-    """path,status,start,modality,top,<one column per name>,message: a row per clip (start empty),
-    per window with `timeline` (start in seconds), per failure (message = stage: reason)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "status", "start", "modality", "top", *names, "message"])
-    for p in result.predictions:
-        w.writerow([p.path, "ok", "", p.modality, p.top or "", *[f"{v:.6g}" for v in p.scores],
-                    "; ".join(p.warnings)])
-        if timeline:
-            for start, scores in zip(p.starts, p.window_scores):
-                top = "" if p.top is None else names[int(scores.argmax())]
-                w.writerow([p.path, "ok", f"{start:.4f}", p.modality, top, *[f"{v:.6g}" for v in scores], ""])
-    for f in result.failures:
-        w.writerow([f.path, "failed", "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
-    return buf.getvalue()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
 from vqmae.checkpoint import CheckpointError
-from vqmae.pretrain import PretrainError, pretrain as run_pretrain
+from vqmae.stages.pretrain import PretrainError, pretrain as run_pretrain
 from vqmae.store import StoreError
 from vqmae.utils import resolve_device
 
@@ -35,25 +35,21 @@ def pretrain(
     except (StoreError, PretrainError, CheckpointError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    _print(result)
+
+
+def _print(result) -> None:
     table = Table(title=f"pretraining at step {result.step} (validation clips)")
     for col in ("modality", "masked-token accuracy", "unigram baseline"):
         table.add_column(col, justify="right")
-    behind = []
-    for m in ("audio", "visual"):
-        if f"val/acc_{m}" in result.val:
-            acc, base = result.val[f"val/acc_{m}"], result.unigram.get(f"unigram/{m}", float("nan"))
-            table.add_row(m, f"{acc:.3f}", f"{base:.3f}")
-            if acc <= base:
-                behind.append(f"{m} {acc:.3f} ≤ {base:.3f}")
+    for m, (acc, base) in result.accuracy.items():
+        table.add_row(m, f"{acc:.3f}", f"{base:.3f}")
     console.print(table)
-    if behind:
-        console.print(f"[yellow]warning:[/yellow] masked-token accuracy not above the unigram baseline "
-                      f"({'; '.join(behind)}): the model does not use the visible context yet, and "
-                      f"fine-tuning from it may trail training from scratch. More steps, or see "
-                      f"README stage 2 (masking, position init).")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"validation loss {result.val.get('val/loss_total', float('nan')):.4f}, "
                   f"{result.windows_per_s:.1f} windows/s; checkpoint [bold]{result.checkpoint}[/bold]")
-    panels = sorted((run / "recon").glob("*.png"))
+    panels = sorted((result.run / "recon").glob("*.png"))
     if panels:
-        console.print(f"reconstructions (original / masked / predicted) in [bold]{run / 'recon'}[/bold], "
+        console.print(f"reconstructions (original / masked / predicted) in [bold]{result.run / 'recon'}[/bold], "
                       f"latest: {', '.join(p.name for p in panels[-2:])}")

@@ -9,8 +9,7 @@ import typer
 
 from cli.common import console, err_console, setup_logging
 from vqmae.checkpoint import CheckpointError
-from vqmae.pretrain import PretrainError
-from vqmae.recon import reconstruct as run_reconstruct
+from vqmae.stages.reconstruct import reconstruct as run_reconstruct
 from vqmae.store import StoreError
 from vqmae.utils import resolve_device
 
@@ -31,7 +30,7 @@ def reconstruct(
     try:
         paths = run_reconstruct(checkpoint, store, out, tokenizers_dir=tokenizers, n_windows=windows,
                                 seed=seed, masking=masking, device=resolve_device(device))
-    except (StoreError, PretrainError, CheckpointError, ValueError) as e:
+    except (StoreError, CheckpointError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if not paths:

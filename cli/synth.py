@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.common import PresetOpt, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.synth import SynthError, read_summary, synthesize
+from vqmae.demo import SynthError, read_summary, synthesize
 
 
 def synth(

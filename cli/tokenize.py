@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,12 +9,13 @@ import typer
 from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.datasets import DatasetError, scan
+from vqmae.checkpoint import CheckpointError
+from vqmae.datasets import DatasetError
+from vqmae.encoding import TokenizeError
 from vqmae.ingest import Failure, parse_modalities
+from vqmae.stages.tokenize import TokenizeResult, tokenize as run_tokenize
 from vqmae.store import StoreError, TokenStore, parse_shard
-from vqmae.tokenize import (TokenizeError, encode_corpus, load_tokenizers, store_failures,
-                            train_tokenizers)
-from vqmae.utils import atomic_write_bytes, atomic_write_json, resolve_device
+from vqmae.utils import resolve_device
 
 
 def tokenize(
@@ -44,44 +42,22 @@ def tokenize(
         shard_ = parse_shard(shard)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shard") from None
-    dev = resolve_device(device if device != "auto" else cfg.device)
     run = run_dir or Path("runs") / f"tokenize-{out.name.removesuffix('.zarr')}"
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "config.json", cfg.to_dict())
-    t0 = time.perf_counter()
     try:
-        mods = parse_modalities(modalities)
-        clips = scan(data, kind).clips
-        failures: list[Failure] = []
-        reporter = RichReporter(console)
-        with reporter:
-            if tokenizers is None:
-                if shard_ != (0, 1):
-                    raise TokenizeError("--shard needs --tokenizers: train once (e.g. with "
-                                        "--train-only), then give every shard the same tokenizers")
-                trained = train_tokenizers(clips, cfg, run, modalities=mods, device=dev,
-                                           workers=workers, heldout_fraction=heldout, reporter=reporter)
-                failures += trained.failures
-                tokenizers = run / "tokenizers"
-                _print_eval(trained.evaluation, tokenizers)
-            if train_only:
-                _write_failures(run / "failures.csv", failures)
-                _print_failures(failures, run)
-                return
-            models = load_tokenizers(tokenizers, mods, dev)
-            result = encode_corpus(clips, cfg, out, models, shard=shard_, device=dev, workers=workers,
-                                   reporter=reporter)
-    except (DatasetError, TokenizeError, StoreError, ValueError) as e:
+        with RichReporter(console) as reporter:
+            result = run_tokenize(data, out, cfg, run, tokenizers=tokenizers, kind=kind,
+                                  modalities=parse_modalities(modalities), shard=shard_, workers=workers,
+                                  device=resolve_device(device if device != "auto" else cfg.device),
+                                  train_only=train_only, heldout_fraction=heldout, reporter=reporter)
+    except (DatasetError, TokenizeError, StoreError, CheckpointError, ValueError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    failed = store_failures(out) if result.merged else list(result.failed)
-    known = {f.path for f in failed}
-    failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
-    failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
-    # concurrent shards share the run directory: one failures file each
-    name = "failures.csv" if shard_ == (0, 1) else f"failures-shard{shard_[0]}of{shard_[1]}.csv"
-    _write_failures(run / name, failed)
-    _print_summary(out, result, failed, run, time.perf_counter() - t0)
+    if result.evaluation is not None:
+        _print_eval(result.evaluation, result.tokenizers)
+    if train_only:
+        _print_failures(result.failures, result.failures_csv)
+        return
+    _print_summary(result)
 
 
 def _print_eval(evaluation: dict, directory: Path) -> None:
@@ -94,17 +70,10 @@ def _print_eval(evaluation: dict, directory: Path) -> None:
     console.print(table)
 
 
-def _write_failures(path: Path, failures: list[Failure]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "stage", "reason"])
-    w.writerows([[f.path, f.stage, f.reason] for f in failures])
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def _print_summary(out: Path, result, failed: list[Failure], run: Path, seconds: float) -> None:
+def _print_summary(result: TokenizeResult) -> None:
+    out, failed, run = result.store, result.failures, result.run
     table = Table(title="tokenize summary", show_header=False)
-    table.add_row("store", str(out) + ("" if result.merged else f" (parts, not merged yet)"))
+    table.add_row("store", str(out) + ("" if result.merged else " (parts, not merged yet)"))
     table.add_row("clips encoded now", str(result.encoded))
     table.add_row("clips already done (resumed)", str(result.skipped_done))
     table.add_row("failed clips", str(len(failed)))
@@ -113,16 +82,16 @@ def _print_summary(out: Path, result, failed: list[Failure], run: Path, seconds:
         for m, spec in store.specs.items():
             table.add_row(f"{m} frames", f"{int(store.clips[f'{m}_length'].sum())} "
                                           f"(codebook {spec.codebook_size}, grid {list(spec.grid)})")
-    table.add_row("time", f"{seconds:.1f} s")
+    table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
-    _print_failures(failed, run)
+    _print_failures(failed, result.failures_csv)
     console.print(f"run directory: [bold]{run}[/bold]")
 
 
-def _print_failures(failed: list[Failure], run: Path) -> None:
+def _print_failures(failed: list[Failure], csv_path: Path) -> None:
     if not failed:
         return
-    ft = Table(title=f"failed files ({len(failed)}), also in {run / 'failures.csv'}")
+    ft = Table(title=f"failed files ({len(failed)}), also in {csv_path}")
     for col in ("file", "stage", "reason"):
         ft.add_column(col, overflow="fold")
     for f in failed[:50]:

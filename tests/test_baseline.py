@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.test_finetune import CLASSES, OVERRIDES, make_store
-from vqmae import baseline
+from vqmae.stages.finetune import baseline
 from vqmae.config import load_config
-from vqmae.finetune import FinetuneError, finetune
+from vqmae.stages.finetune import FinetuneError, finetune
 from vqmae.store import TokenStore
 
 

@@ -16,7 +16,7 @@ import vqmae
 from vqmae.checkpoint import (FORMAT, CheckpointError, checkpoint_sha256, clean_state_dict,
                               load_checkpoint, load_tokenizer, restore_rng, save_checkpoint)
 from vqmae.config import load_config
-from vqmae.tokenizers import build_tokenizer
+from vqmae.models.tokenizers import build_tokenizer
 
 
 @pytest.fixture(autouse=True)

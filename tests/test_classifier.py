@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqmae.classifier import (EmotionModel, center_table, drop_modality, load_encoder, mean_center,
+from vqmae.models.classifier import (EmotionModel, center_table, drop_modality, load_encoder, mean_center,
                               presence_pattern)
 from vqmae.config import MAEConfig
-from vqmae.mae import MAEDims, MAEModel, ModalityDims
+from vqmae.models.layout import MAEDims, ModalityDims
+from vqmae.models.mae import MAEModel
 
 CFG = MAEConfig(width=32, heads=2, encoder_depth=1, decoder_depth=1, head_dim=8, window_seconds=0.4)
 DIMS = MAEDims(audio=ModalityDims(16, (8,), 20), visual=ModalityDims(8, (8, 8), 10))

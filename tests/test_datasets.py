@@ -15,11 +15,13 @@ import pytest
 from vqmae.datasets import (
     ADAPTERS,
     EMOTIONS,
+    Adapter,
     ClipInfo,
     DatasetError,
     ScanResult,
     canonical_emotion,
     detect_kind,
+    iter_media,
     scan,
 )
 
@@ -464,6 +466,42 @@ def test_adapter_table_and_emotions():
         "angry", "happy", "fearful", "surprised", "neutral"]
     with pytest.raises(KeyError, match="unknown emotion 'bored'"):
         canonical_emotion("bored")
+
+
+def test_a_new_adapter_is_one_class_plus_its_registry_entry(tmp_path, monkeypatch):
+    """The extension point: an `Adapter` subclass entered in `ADAPTERS` is scanned, option-checked,
+    de-duplicated and auto-detected like the built-in ones; without the entry the kind is unknown."""
+
+    class ToyAdapter(Adapter):
+        name = "toy"
+
+        def detect(self, folder):
+            return folder.name == "TOY_CORPUS"
+
+        def scan(self, root, *, speaker="anon"):
+            skipped = []
+            clips = [ClipInfo(clip_id=m.clip_id, path=m.path, dataset="toy", speaker=speaker,
+                              has_video=m.is_video) for m in iter_media(root, skipped)]
+            return clips, skipped
+
+    root = make_tree(tmp_path / "data", ["TOY_CORPUS/b.wav", "TOY_CORPUS/a.mp4", "TOY_CORPUS/a.wav"])
+    assert detect_kind(root) == "folder"
+    monkeypatch.setitem(ADAPTERS, ToyAdapter.name, ToyAdapter)
+    result = scan(root, kind="toy", speaker="s1")
+    assert result.kind == "toy"
+    assert [(c.clip_id, c.dataset, c.speaker, c.has_video) for c in result.clips] == [
+        ("TOY_CORPUS/a", "toy", "s1", True), ("TOY_CORPUS/b", "toy", "s1", False)]
+    assert result.skipped == [(str(root / "TOY_CORPUS/a.wav"),
+                               f"clip id 'TOY_CORPUS/a' already used by {root / 'TOY_CORPUS/a.mp4'}")]
+    assert detect_kind(root) == "toy" and scan(root).kind == "toy"
+    with pytest.raises(DatasetError, match="unknown option.s. speakr for the toy adapter; known: speaker$"):
+        scan(root, "toy", speakr="x")
+    with pytest.raises(DatasetError, match="the toy adapter expects a directory$"):
+        scan(root / "TOY_CORPUS" / "b.wav", "toy")
+    monkeypatch.undo()
+    assert "toy" not in ADAPTERS and detect_kind(root) == "folder"
+    with pytest.raises(DatasetError, match="unknown dataset kind 'toy'"):
+        scan(root, "toy")
 
 
 # ------------------------------------------------------------------------------------ determinism

@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 from cli.export import export as export_cmd
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from vqmae.config import load_config
-from vqmae.export import (CLASSIFIER_FILE, FORMAT, TOLERANCE, ExportError, _difference, _Target,
+from vqmae.stages.export import (CLASSIFIER_FILE, FORMAT, TOLERANCE, ExportError, _difference, _Target,
                           classifier_inputs, export_model)
-from vqmae.finetune import finetune
-from vqmae.predict import Predictor
+from vqmae.stages.finetune import finetune
+from vqmae.stages.predict import Predictor
 from vqmae.store import ModalitySpec, StoreWriter, merge
-from vqmae.tokenize import encode_frames
-from vqmae.tokenizers import build_tokenizer
+from vqmae.models.tokenizers import encode_frames
+from vqmae.models.tokenizers import build_tokenizer
 from vqmae.utils import sha256_file
 
 # Small but real: 513-bin spectrogram frames → 16 audio ids (codebook 32); 32 × 32 faces → 8 × 8
@@ -127,7 +127,7 @@ def _store(path, toks):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Tokenizers → store → `vqmae.finetune` classifiers (audiovisual and audio-only) → export."""
+    """Tokenizers → store → `vqmae.stages.finetune` classifiers (audiovisual and audio-only) → export."""
     tmp = tmp_path_factory.mktemp("export")
     cfg = load_config("tiny", CFG)
     toks = _tokenizers(tmp / "tok", cfg)
@@ -342,7 +342,7 @@ def test_reexport_removes_the_manifest_before_replacing_files(built, tmp_path, m
     def boom(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("vqmae.export.atomic_write_bytes", boom)
+    monkeypatch.setattr("vqmae.stages.export.atomic_write_bytes", boom)
     with pytest.raises(ExportError, match="cannot write the export there"):
         export_model(av, out)
     assert not (out / "export.json").exists()

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from vqmae.config import load_config
-from vqmae.finetune import FinetuneError, finetune
-from vqmae.pretrain import pretrain
+from vqmae.stages.finetune import FinetuneError, finetune
+from vqmae.stages.pretrain import pretrain
 from vqmae.store import ModalitySpec, StoreWriter, merge
 from vqmae.training import Reporter
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vqmae.config import MAEConfig, load_config
-from vqmae.mae import (MAEDims, MAEModel, ModalityDims, flops_per_window, masking_from,
-                       patch_layout, sincos_positions)
+from vqmae.models.layout import MAEDims, ModalityDims, flops_per_window, patch_layout, sincos_positions
+from vqmae.models.mae import MAEModel
+from vqmae.models.masking import masking_from
 
 # Paper patch sizes on smaller grids: visual 8×8 tokens × 50 frames → 2×2×10 = 40 tubes of 80 ids,
 # audio 8 tokens × 100 frames → 2×10 = 20 patches of 40 ids; 10 time steps in both.
@@ -455,7 +456,7 @@ def test_paper_size_and_flops():
     m = MAEModel(cfg, SPECS)
     blocks = sum(p.numel() for p in [*m.encoder.parameters(), *m.decoder.parameters()])
     heads = sum(p.numel() for p in m.head.parameters())
-    assert 7.3e6 < blocks < 7.5e6  # DESIGN.md §7's 7.4 M: the nine transformer blocks
+    assert 7.3e6 < blocks < 7.5e6  # docs/design.md §7's 7.4 M: the nine transformer blocks
     assert heads == 320 * 80 * 512 + 80 * 512 + 320 * 40 * 256 + 40 * 256
     flops = flops_per_window(cfg, m.dims)
     # 6 × block params × tokens seen (260 encoder + 520 decoder at 50 % masking) is the bulk

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tone, write_video, write_wav
-from vqmae.media import MediaError, iter_video, probe_video, read_audio, read_video, resample_indices
+from vqmae.media import MediaError, iter_video, read_audio, read_video, resample_indices
 
 
 def source_index(frames: np.ndarray) -> np.ndarray:
@@ -39,11 +39,8 @@ def test_chunks_equal_whole(media_dir):
     np.testing.assert_array_equal(np.concatenate(chunks), read_video(path))
 
 
-def test_probe_and_decode_time_resize(media_dir):
+def test_decode_time_resize(media_dir):
     path = write_video(media_dir / "v.mp4", n_frames=10, size=128)
-    info = probe_video(path, max_side=64)
-    assert (info.width, info.height, info.n_source_frames) == (64, 64, 10)
-    assert info.n_frames(25.0) == 10
     assert read_video(path, max_side=64).shape == (10, 64, 64, 3)
 
 

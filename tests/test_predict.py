@@ -1,5 +1,5 @@
 """`vqmae predict` on real media: real (tiny) tokenizers, a store they encoded, and a classifier that
-`vqmae.finetune` wrote; scores checked against stage 3's own clip scoring of the store's codes."""
+`vqmae.stages.finetune` wrote; scores checked against stage 3's own clip scoring of the store's codes."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ from tests.conftest import write_video, write_wav
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from vqmae.config import load_config
 from vqmae.datasets import scan
-from vqmae.finetune import ClipWindows, finetune, predict_clips
+from vqmae.stages.finetune import finetune
+from vqmae.stages.finetune.data import ClipWindows, predict_clips
 from vqmae.media import read_audio
-from vqmae.predict import InputError, PredictError, Predictor
+from vqmae.stages.predict import InputError, PredictError, Predictor
 from vqmae.store import TokenStore
-from vqmae.tokenize import encode_corpus, load_tokenizers, train_tokenizers
+from vqmae.checkpoint import load_tokenizers
+from vqmae.encoding import encode_corpus
+from vqmae.stages.tokenize import train_tokenizers
 
 FACE = cv2.resize(astronaut()[0:260, 110:330], (128, 128))
 CFG = ["face.mode=haar", "audio_vq.steps=6", "visual_vq.steps=6", "audio_vq.batch_frames=64",
@@ -170,7 +173,7 @@ def test_array_inputs_match_files(setup, tmp_path):
     np.testing.assert_allclose(p.predict({"audio": wave}).scores, p.predict(corpus / "a1.wav").scores,
                                atol=1e-6)
     from vqmae.ingest import load_clip
-    from vqmae.predict import _clip_info
+    from vqmae.stages.predict.results import _clip_info
 
     data = load_clip(_clip_info(corpus / "v10.mp4", 0), p.cfg)
     np.testing.assert_allclose(p.predict({"faces": data.faces}).scores,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from vqmae.config import load_config
-from vqmae.pretrain import PretrainError, pretrain
+from vqmae.stages.pretrain import PretrainError, pretrain
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
 
 # 0.4 s windows: 10 video frames (2 tube steps of 5) and 20 audio frames (2 patch steps of 10)
@@ -180,8 +180,10 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
 
 
 def test_global_masking_matches_the_model_and_ignores_world_size(tmp_path):
-    from vqmae.mae import MAEDims, MAEModel
-    from vqmae.pretrain import GlobalMasking, batch_dict, mask_generator
+    from vqmae.models.layout import MAEDims
+    from vqmae.models.mae import MAEModel
+    from vqmae.stages.pretrain import GlobalMasking, mask_generator
+    from vqmae.windows import batch_dict
     from vqmae.windows import WindowData
 
     store = make_store(tmp_path / "s.zarr")

@@ -7,10 +7,12 @@ from typer.testing import CliRunner
 from cli.main import app
 from vqmae.checkpoint import checkpoint_sha256, save_checkpoint
 from vqmae.config import load_config
-from vqmae.pretrain import batch_dict, pretrain
-from vqmae.recon import find_tokenizers, load_mae, predicted_codes
+from vqmae.checkpoint import load_mae, store_tokenizers
+from vqmae.recon import predicted_codes
+from vqmae.stages.pretrain import pretrain
+from vqmae.windows import batch_dict
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
-from vqmae.tokenizers import build_tokenizer
+from vqmae.models.tokenizers import build_tokenizer
 from vqmae.windows import WindowData
 
 OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
@@ -47,7 +49,7 @@ def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
     assert {p.name for p in (tmp_path / "run" / "recon").iterdir()} == {
         "step0000002_audio.png", "step0000002_visual.png"}  # written by the training loop itself
     s = TokenStore.open(store)
-    assert set(find_tokenizers(s)) == {"audio", "visual"}
+    assert set(store_tokenizers(s, required=False)) == {"audio", "visual"}
     data = WindowData(s, cfg)
     rows, starts = data.val_windows()
     batch = batch_dict(data.windows(rows[:2], starts[:2]), "cpu")

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import zarr
 
-import vqmae.store as store_mod
+import vqmae.store.merging as merging_mod
+import vqmae.store.reader as reader_mod
+import vqmae.store.segments as segments_mod
 from vqmae import __version__
 from vqmae.config import StoreConfig
 from vqmae.store import (FORMAT, ModalitySpec, StoreError, StoreMismatchError, StoreWriter,
@@ -80,7 +82,7 @@ def _worker(path: str, ids: list[int], shard: tuple[int, int], die_on_save: int 
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(f, arr, *a, **kw)
 
-        store_mod.np.save = dying_save
+        segments_mod.np.save = dying_save
     write_clips(Path(path), ids, shard=shard)
 
 
@@ -191,7 +193,7 @@ def test_merge_keeps_store_chunks_without_writer_meta(tmp_path, reference):
 
 def test_merge_streams_in_small_blocks(tmp_path, reference, monkeypatch):
     # Force the bounded-memory path: runs split into blocks smaller than a clip, many flushes.
-    monkeypatch.setattr(store_mod, "MERGE_BLOCK_BYTES", 16)
+    monkeypatch.setattr(merging_mod, "MERGE_BLOCK_BYTES", 16)
     path = tmp_path / "t.zarr"
     write_clips(path, [i for i in range(N_CLIPS) if i % 2])
     merge(path)
@@ -270,7 +272,7 @@ def test_read_windows_bad_rows(reference):
 def test_code_counts_streamed_equals_loaded(reference, monkeypatch):
     s = TokenStore.open(reference)
     want = np.bincount(TokenStore.open(reference, load=True).codes("visual").ravel(), minlength=8)
-    monkeypatch.setattr(store_mod, "MERGE_BLOCK_BYTES", 64)
+    monkeypatch.setattr(reader_mod, "MERGE_BLOCK_BYTES", 64)
     assert np.array_equal(s.code_counts("visual"), want)
 
 
@@ -356,10 +358,10 @@ def test_merge_interrupted_mid_swap_recovers(tmp_path, reference, monkeypatch):
             raise OSError("simulated crash")
         return real_rename(a, b)
 
-    monkeypatch.setattr(store_mod.os, "rename", crashing_rename)
+    monkeypatch.setattr(merging_mod.os, "rename", crashing_rename)
     with pytest.raises(OSError, match="simulated"):
         merge(path)
-    monkeypatch.setattr(store_mod.os, "rename", real_rename)
+    monkeypatch.setattr(merging_mod.os, "rename", real_rename)
     assert not path.exists() and Path(f"{path}.replaced").exists()
     with pytest.raises(StoreError, match="interrupted"):
         TokenStore.open(path)

@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from vqmae import synth as S
+from vqmae import demo as S
 from vqmae.config import SynthConfig
+from vqmae.demo import profiles
 
 HOP = 640  # 16 kHz / 25 fps
 
@@ -313,7 +314,7 @@ def test_speaker_spread_zero_gives_one_face_and_voice_and_one_keeps_the_draws():
     f0 = [S.make_speaker(c, i).f0 for c in (full, half) for i in range(4)]
     assert np.ptp(f0[4:]) < 0.6 * np.ptp(f0[:4])  # half the spread (in log pitch) → a narrower range
     assert [S.make_speaker(full, i).mirror for i in range(4)] == [False, True, False, True]
-    assert all(S.make_speaker(full, i).hair in S._HAIR for i in range(4))  # the draws, untouched
+    assert all(S.make_speaker(full, i).hair in profiles._HAIR for i in range(4))  # the draws, untouched
 
 
 def test_expressiveness_moves_the_signal_not_the_labels():

@@ -122,7 +122,8 @@ import sys, time
 from pathlib import Path
 from vqmae.config import load_config
 from vqmae.datasets import scan
-from vqmae.tokenize import encode_corpus, load_tokenizers
+from vqmae.checkpoint import load_tokenizers
+from vqmae.encoding import encode_corpus
 manifest, store, tok, delay = sys.argv[1:5]
 cfg = load_config("tiny", ["face.mode=haar", "store.segment_clips=2"])
 tokenizers = load_tokenizers(Path(tok), ("audio", "visual"), "cpu")
@@ -169,7 +170,7 @@ def test_tokenizer_training_resumes_exactly(tmp_path, modality):
 
     from vqmae.config import load_config
     from vqmae.framepool import FramePool
-    from vqmae.tokenize import train_one
+    from vqmae.stages.tokenize import train_one
 
     cfg = load_config("tiny", ["audio_vq.steps=8", "visual_vq.steps=8", "audio_vq.batch_frames=32",
                                "visual_vq.batch_frames=4", "audio_vq.warmup_steps=2",

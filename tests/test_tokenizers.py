@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import vqmae.checkpoint
-import vqmae.quantize
-import vqmae.tokenizers
+import vqmae.models.quantize
+import vqmae.models.tokenizers
 from vqmae.config import load_config
-from vqmae.quantize import VectorQuantizer
-from vqmae.tokenizers import (AudioVQVAE, VisualVQVAE, audio_lengths, build_tokenizer,
+from vqmae.models.quantize import VectorQuantizer
+from vqmae.models.tokenizers import (AudioVQVAE, VisualVQVAE, audio_lengths, build_tokenizer,
                               itakura_saito)
 
 METRIC_KEYS = {"loss/recon", "loss/commit", "vq/perplexity", "vq/usage"}
@@ -322,7 +322,7 @@ def test_itakura_saito_matches_definition_and_is_stable():
     y = torch.rand(4, 513) + 0.1
     naive = (x / y - torch.log(x / y) - 1).mean()
     assert itakura_saito(x, torch.log(y)).item() == pytest.approx(naive.item(), rel=1e-5)
-    assert itakura_saito(x, torch.log(x + vqmae.tokenizers.LOG_FLOOR)).abs().item() < 1e-6
+    assert itakura_saito(x, torch.log(x + vqmae.models.tokenizers.LOG_FLOOR)).abs().item() < 1e-6
     silent = torch.zeros(2, 513)  # digital silence: x/y would be 0 and log(0) = -inf
     assert torch.isfinite(itakura_saito(silent, torch.full((2, 513), 3.0)))
     assert torch.isfinite(itakura_saito(torch.full((2, 513), 1e4), torch.full((2, 513), -20.0)))
@@ -344,7 +344,7 @@ def test_bf16_autocast_forward_backward(cfg, kind):
 
 
 def test_sources_never_pin_a_device():
-    for mod in (vqmae.quantize, vqmae.tokenizers, vqmae.checkpoint):
+    for mod in (vqmae.models.quantize, vqmae.models.tokenizers, vqmae.checkpoint):
         src = Path(mod.__file__).read_text()
         assert not re.search(r"\.cuda\(|device=['\"]cuda", src), mod.__name__
 

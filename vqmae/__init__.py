@@ -5,17 +5,17 @@
     store = vqmae.TokenStore.open("tokens.zarr"); ckpt = vqmae.load_checkpoint("mae.pt")
 
 The names below are imported on first use, so `import vqmae` stays light. The stage functions live
-in their modules (`vqmae.pretrain.pretrain`, `vqmae.finetune.finetune`), whose names they share.
+in their modules (`vqmae.stages.pretrain.pretrain`, `vqmae.stages.finetune.finetune`), whose names they share.
 """
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Predictor": "vqmae.predict", "Prediction": "vqmae.predict",
+    "Predictor": "vqmae.stages.predict", "Prediction": "vqmae.stages.predict",
     "TokenStore": "vqmae.store", "load_checkpoint": "vqmae.checkpoint",
     "load_config": "vqmae.config", "Config": "vqmae.config",
-    "load_tokenizers": "vqmae.tokenize", "scan": "vqmae.datasets",
-    "EmotionModel": "vqmae.classifier", "MAEModel": "vqmae.mae",
+    "load_tokenizers": "vqmae.checkpoint", "scan": "vqmae.datasets",
+    "EmotionModel": "vqmae.models.classifier", "MAEModel": "vqmae.models.mae",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -1,4 +1,4 @@
-"""Audio features: peak normalisation, power STFT frames and their inverse (DESIGN.md §2).
+"""Audio features: peak normalisation, power STFT frames and their inverse (docs/design.md §2).
 
 Spectrograms are time-major, `[..., n_frames, n_bins]`, because the audio tokenizer encodes one
 frame at a time. At the defaults one second of 16 kHz audio gives 50 frames of 513 bins, exactly two
@@ -7,6 +7,14 @@ audio frames per 25 fps video frame.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 
 from vqmae.config import AudioConfig
@@ -107,3 +115,67 @@ def frames_for_samples(n_samples: int, cfg: AudioConfig) -> int:
     """Spectrogram frames kept for a waveform of `n_samples`: one per full hop (the trailing
     center-padding frame is dropped so that frames = 2 × video frames exactly)."""
     return n_samples // cfg.hop_length
+
+
+NOISE_KINDS = ("white", "pink")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Additive noise at `snr_db` (signal-to-noise power ratio over the whole clip, in dB)."""
+
+    snr_db: float
+    kind: str = "white"  # or "pink" (power ∝ 1/f)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_KINDS:
+            raise ValueError(f"noise kind {self.kind!r}: expected one of {NOISE_KINDS}")
+        if not math.isfinite(self.snr_db):
+            raise ValueError(f"noise snr_db must be finite, got {self.snr_db}")
+
+    def record(self, source: str | os.PathLike) -> dict[str, Any]:
+        """The `attrs["noise"]` of a noisy store made from `source` (its absolute path)."""
+        return {"snr_db": float(self.snr_db), "kind": self.kind, "seed": int(self.seed),
+                "source": str(Path(source).resolve())}
+
+
+def noise_generator(spec: NoiseSpec, key: str) -> np.random.Generator:
+    """A Generator seeded from (spec.seed, key) through blake2b: unlike `hash()`, the same in every
+    process (PYTHONHASHSEED) and on every machine."""
+    digest = hashlib.blake2b(f"{int(spec.seed)}\0{key}".encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def draw_noise(n: int, spec: NoiseSpec, key: str) -> np.ndarray:
+    """Unscaled zero-mean noise, float64 [n]: white Gaussian, or that draw shaped to a 1/f power
+    spectrum in the frequency domain (amplitude ∝ f^-1/2, no DC)."""
+    white = noise_generator(spec, key).standard_normal(n)  # [n]
+    if spec.kind == "white":
+        return white
+    freqs = np.fft.rfftfreq(n)  # [n//2 + 1] cycles per sample
+    gain = np.zeros_like(freqs)
+    gain[1:] = freqs[1:] ** -0.5
+    return np.fft.irfft(np.fft.rfft(white) * gain, n)  # [n]
+
+
+def add_noise(wave: np.ndarray, spec: NoiseSpec, key: str) -> np.ndarray:
+    """`wave` float [n] plus noise scaled so 10·log10(P_signal / P_noise) == spec.snr_db, where P is
+    the mean power over the whole clip; float32 [n]. `key` (the clip id) picks the noise draw.
+
+    Raises ValueError on a silent wave (peak below `audio.SILENCE_PEAK`: the SNR is undefined, and
+    the clean encoding refuses it too), a non-finite one, or one shorter than 2 samples."""
+    x = np.asarray(wave, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"clip {key!r}: expected a 1-D waveform of at least 2 samples, got shape "
+                         f"{tuple(np.shape(wave))}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"clip {key!r}: waveform has non-finite samples")
+    peak = float(np.abs(x).max())
+    if peak < SILENCE_PEAK:
+        raise ValueError(f"clip {key!r}: audio is silent (peak amplitude {peak:.2e}): no SNR "
+                         f"can be set")
+    noise = draw_noise(len(x), spec, key)  # [n]
+    p_signal, p_noise = np.mean(x ** 2), np.mean(noise ** 2)
+    noise *= math.sqrt(p_signal / (p_noise * 10.0 ** (spec.snr_db / 10.0)))
+    return (x + noise).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Checkpoint format `vqmae-ckpt/1` (DESIGN.md §3).
+"""Checkpoint format `vqmae-ckpt/1` (docs/design.md §3).
 
 A checkpoint is one plain dict saved with `torch.save`, readable with `torch.load(weights_only=True)`
 (no pickled classes: only tensors, str, numbers, None and dict / list / tuple of them):
@@ -23,15 +23,22 @@ from __future__ import annotations
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from vqmae import __version__
-from vqmae.config import Config, ConfigError
+from vqmae.config import Config, ConfigError, MAEConfig, section_from_dict, view_differences
+from vqmae.models.classifier import EmotionModel
+from vqmae.models.layout import MAEDims
+from vqmae.models.mae import MAEModel
+from vqmae.models.tokenizers import build_tokenizer
+from vqmae.store import TokenStore
+from vqmae.tasks import Task, task_from_dict
 from vqmae.utils import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
@@ -227,8 +234,6 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
     Returns `(model, ckpt)`. The model's size comes from the checkpoint, never from the current
     command line, so a store is always re-encoded with the tokenizer that made it.
     """
-    from vqmae.tokenizers import build_tokenizer  # deferred: checkpoints of any kind load without it
-
     ckpt = load_checkpoint(path, kind=kind)
     if ckpt["kind"] not in TOKENIZER_KINDS:
         raise CheckpointError(f"{path}: checkpoint kind is {ckpt['kind']!r}, expected a tokenizer "
@@ -244,3 +249,188 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: weights do not fit the model built from its stored config: "
                               f"{e}") from e
     return model.to(device).eval(), ckpt
+
+
+# ------------------------------------------------------------------ artifacts of the pipeline
+
+TOKENIZER_KIND = {"audio": "audio_vqvae", "visual": "visual_vqvae"}  # modality → checkpoint kind
+TOKENIZER_FILES = {m: f"{k}.pt" for m, k in TOKENIZER_KIND.items()}  # in a tokenize run
+TOKENIZER_HINT = "pass the directory holding the tokenizers that made the store with --tokenizers DIR"
+
+
+class ParentMismatchError(CheckpointError):
+    """An artifact built on other parents than the ones at hand (another tokenizer or MAE)."""
+
+
+@dataclass
+class LoadedTokenizer:
+    model: nn.Module
+    ckpt: dict[str, Any]
+    sha256: str
+    path: Path
+
+
+def load_tokenizers(directory: str | os.PathLike, modalities: Sequence[str],
+                    device: str = "cpu") -> dict[str, LoadedTokenizer]:
+    """{modality: LoadedTokenizer} from `directory/{audio,visual}_vqvae.pt` (a tokenize run's
+    `tokenizers/` folder), with no parent to check against."""
+    return resolve_tokenizers(str(directory), {m: None for m in modalities}, directory=directory,
+                              device=device)
+
+
+def resolve_tokenizers(owner: str | os.PathLike, expected: Mapping[str, str | None], *,
+                       recorded: Mapping[str, Mapping[str, str]] | None = None,
+                       directory: str | os.PathLike | None = None, device: str = "cpu",
+                       required: bool = True, hint: str = TOKENIZER_HINT) -> dict[str, LoadedTokenizer]:
+    """The tokenizers an artifact (`owner`: a store, a classifier) was made with: the one rule every
+    stage loads them by.
+
+    For each modality in `expected` ({modality: sha256, or None when nothing is recorded}) the file
+    is `directory/<modality>_vqvae.pt` when a directory is given, else the path `recorded` for it
+    ({modality: {"path", "sha256"}}, as `vqmae tokenize` writes into a store). A missing record or
+    file, or a file whose sha256 is not the expected one, raises `CheckpointError` naming the owner,
+    the file and both values; with `required=False` it is logged and the modality left out.
+    """
+    recorded = recorded or {}
+    found = {}
+    for m, want in expected.items():
+        want = want or (recorded.get(m) or {}).get("sha256")
+        try:
+            found[m] = _resolve_one(owner, m, want, recorded.get(m) or {}, directory, device, hint)
+        except CheckpointError as e:
+            if required:
+                raise
+            log.warning("%s; no %s tokenizer", e, m)
+    return found
+
+
+def _resolve_one(owner: str | os.PathLike, m: str, want: str | None, record: Mapping[str, str],
+                 directory: str | os.PathLike | None, device: str, hint: str) -> LoadedTokenizer:
+    if directory is not None:
+        path = Path(directory) / TOKENIZER_FILES[m]
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no {TOKENIZER_FILES[m]} (the {m} tokenizer of {owner})")
+    elif record.get("path"):
+        path = Path(record["path"])
+        if not path.is_file():
+            raise CheckpointError(f"{owner}: its {m} tokenizer {path} (sha256 {want}) does not exist; "
+                                  f"{hint}")
+    else:
+        raise CheckpointError(f"{owner}: records no {m} tokenizer path (made by an older vqmae?); {hint}")
+    got = checkpoint_sha256(path)
+    if want and got != want:
+        raise ParentMismatchError(f"{path}: {m} tokenizer sha256 {got} is not the one {owner} was made "
+                                  f"with ({want}); {hint}")
+    model, ckpt = load_tokenizer(path, device)
+    return LoadedTokenizer(model, ckpt, got, path.resolve())
+
+
+def store_tokenizers(store: TokenStore, *, directory: str | os.PathLike | None = None,
+                     device: str = "cpu", required: bool = True) -> dict[str, LoadedTokenizer]:
+    """The tokenizers that encoded `store` (see `resolve_tokenizers`): the paths it recorded, or
+    `directory`, each checked against the sha256 in the store's specs."""
+    recorded = (store.attrs.get("config") or {}).get("tokenizers") or {}
+    expected = {m: spec.tokenizer_sha256 for m, spec in store.specs.items()}
+    return resolve_tokenizers(store.path, expected, recorded=recorded, directory=directory,
+                              device=device, required=required)
+
+
+def load_mae(path: str | os.PathLike, device: str = "cpu") -> tuple[MAEModel, dict[str, Any], Config]:
+    """(model in eval mode, checkpoint, config) rebuilt from a `mae` checkpoint's stored config and
+    dims."""
+    ckpt = load_checkpoint(path, kind="mae")
+    cfg = Config.from_dict(ckpt["config"])
+    model = MAEModel(cfg.mae, MAEDims.from_dict(ckpt["extra"]["dims"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model built from its stored config: "
+                              f"{e}") from e
+    return model.to(device).eval(), ckpt, cfg
+
+
+def check_resume(path: str | os.PathLike, stored: Mapping[str, Any] | Config, cfg: Config, stage: str,
+                 error: type[Exception] = CheckpointError) -> None:
+    """Refuse to resume the artifact at `path`, made under config `stored`, with `cfg` when they
+    differ in what `stage` depends on (`vqmae.config.VIEWS`); the message lists the differences."""
+    try:
+        stored = stored if isinstance(stored, Config) else Config.from_dict(dict(stored))
+    except (ConfigError, TypeError) as e:
+        raise error(f"{path}: stored config does not match this vqmae version: {e}") from None
+    diff = view_differences(stored, cfg, stage)
+    if diff:
+        raise error(f"{path}: was trained with another config ({'; '.join(diff[:5])}"
+                    f"{'; …' if len(diff) > 5 else ''}); resume with the same --preset/--set, or use "
+                    f"a new run directory")
+
+
+def store_parents(store: TokenStore) -> dict[str, str]:
+    """The tokenizer hashes a model trained on `store` depends on: {"audio_tokenizer": sha, ...}."""
+    return {f"{m}_tokenizer": spec.tokenizer_sha256 for m, spec in sorted(store.specs.items())}
+
+
+def check_parents(where: str | os.PathLike, expected: Mapping[str, str], store: TokenStore) -> None:
+    """Refuse a store whose tokenizers differ from the ones a checkpoint was trained on."""
+    have = store_parents(store)
+    for key, sha in expected.items():
+        if key in have and have[key] != sha:
+            raise ParentMismatchError(f"{where}: {key} mismatch: checkpoint was trained on {sha[:12]}…, "
+                                      f"store {store.path} has {have[key][:12]}…")
+        if key not in have:
+            raise ParentMismatchError(f"{where}: checkpoint needs {key}, store {store.path} has only "
+                                      f"{sorted(have)}")
+
+
+@dataclass
+class LoadedClassifier:
+    """A fine-tuned classifier rebuilt from its checkpoint, with the tokenizers of its training store."""
+
+    model: EmotionModel  # in eval mode
+    task: Task
+    cfg: Config  # the fine-tuning run's config (face detection and audio settings to decode with)
+    mae_cfg: MAEConfig  # what the encoder was built with (window length, modalities)
+    dims: MAEDims
+    tokenizers: dict[str, LoadedTokenizer]
+    ckpt: dict[str, Any]
+
+
+def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
+                    tokenizers: str | os.PathLike | None = None,
+                    hint: str = TOKENIZER_HINT) -> LoadedClassifier:
+    """Rebuild a `classifier` checkpoint from what it recorded (never from today's flags) and its
+    tokenizers (`resolve_tokenizers`: the recorded paths, or the directory `tokenizers`), checking
+    that their codebooks, grids and frame rates fit the model. Raises CheckpointError."""
+    path = Path(path)
+    ckpt = load_checkpoint(path, kind="classifier")
+    try:
+        extra = ckpt["extra"]
+        cfg = Config.from_dict(ckpt["config"])
+        mae_cfg = section_from_dict(MAEConfig, dict(extra["mae_config"]), "mae_config.")
+        dims = MAEDims.from_dict(extra["dims"])
+        task = task_from_dict(extra["task"])
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
+                              f"unreadable); was it written by `vqmae finetune`?") from None
+    model = EmotionModel(mae_cfg, dims, len(task.names), cfg.finetune.pooling, cfg.finetune.dropout,
+                         speaker_norm="center" in ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model built from its stored config: "
+                              f"{e}") from None
+    parents = ckpt.get("parents") or {}
+    try:
+        toks = resolve_tokenizers(path, {m: parents.get(f"{m}_tokenizer") for m in model.names},
+                                  recorded=extra.get("tokenizers") or {}, directory=tokenizers,
+                                  device=device, hint=hint)
+    except RuntimeError as e:
+        raise CheckpointError(str(e)) from None
+    for m, t in toks.items():  # the model's codebook sizes, grids and window frames are its tokenizers'
+        d = dims.get(m)
+        frames = mae_cfg.window_seconds * float(t.model.frame_rate)
+        if d is None or d.codebook_size != t.model.codebook_size or tuple(d.grid) != tuple(t.model.grid) \
+                or abs(d.frames - frames) > 1e-6:
+            raise CheckpointError(f"{path}: its {m} input {d} does not match the tokenizer {t.path} "
+                                  f"(codebook {t.model.codebook_size}, grid {tuple(t.model.grid)}, "
+                                  f"{frames:g} frames per {mae_cfg.window_seconds:g} s window)")
+    return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, toks, ckpt)

@@ -1,6 +1,6 @@
 """Configuration: one frozen dataclass per concern, grouped in `Config`.
 
-Presets (`tiny` for CPU tests, `paper` for DESIGN.md §2) build a `Config`; `--set key=value`
+Presets (`tiny` for CPU tests, `paper` for docs/design.md §2) build a `Config`; `--set key=value`
 overrides are parsed against the dataclass field types, so `--set audio.n_fft=abc` or an unknown key
 fails before any work starts. The resolved config is stored as a plain dict in every artifact and
 models are rebuilt from that dict (`Config.from_dict`), never from the current command line.
@@ -67,7 +67,7 @@ class FaceConfig:
 
 @dataclass(frozen=True)
 class AudioVQConfig:
-    """Audio VQ-VAE: one power-spectrogram frame [513] → [n_tokens] codes (DESIGN.md §2)."""
+    """Audio VQ-VAE: one power-spectrogram frame [513] → [n_tokens] codes (docs/design.md §2)."""
 
     n_tokens: int = 64
     codebook_size: int = 256
@@ -90,7 +90,7 @@ class AudioVQConfig:
 
 @dataclass(frozen=True)
 class VisualVQConfig:
-    """Visual VQ-VAE: one RGB face crop [3, 96, 96] → [24, 24] codes (DESIGN.md §2)."""
+    """Visual VQ-VAE: one RGB face crop [3, 96, 96] → [24, 24] codes (docs/design.md §2)."""
 
     codebook_size: int = 512
     code_dim: int = 4
@@ -110,7 +110,7 @@ class VisualVQConfig:
 
 @dataclass(frozen=True)
 class MAEConfig:
-    """Masked-token transformer over audio + visual codes (DESIGN.md §2, VQ-MAE-AV)."""
+    """Masked-token transformer over audio + visual codes (docs/design.md §2, VQ-MAE-AV)."""
 
     modalities: Literal["av", "audio", "visual"] = "av"
     window_seconds: float = 2.0  # 50 video frames + 100 audio frames at the default rates
@@ -171,15 +171,15 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Stage 3: emotion models on the pretrained encoder, speaker-independent evaluation (DESIGN §6)."""
+    """Stage 3: emotion models on the pretrained encoder, speaker-independent evaluation (docs/design.md §6)."""
 
-    task: Literal["classify", "multilabel", "regress"] = "classify"
+    task: str = "classify"  # a kind in vqmae.tasks.TASKS: classify, multilabel, regress
     targets: tuple[str, ...] = ("valence", "arousal", "dominance")  # regress: table columns
     pooling: Literal["attention", "mean", "cls"] = "attention"  # per modality, then concatenated
     freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
     # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init)
     inits: tuple[str, ...] = ("pretrained", "scratch")
-    # "tokens" in inits adds the bag-of-tokens baseline (vqmae.baseline): per-position code
+    # "tokens" in inits adds the bag-of-tokens baseline (vqmae.stages.finetune.baseline): per-position code
     # histograms, grid positions pooled in blocks of token_pool, L2 logistic regression
     token_pool: int = 4
     protocol: Literal["kfold", "loso", "split"] = "kfold"
@@ -268,6 +268,42 @@ class Config:
     def from_dict(cls, data: dict[str, Any]) -> "Config":
         """Rebuild from a stored dict; keys this version does not know are an error."""
         return _from_dict(cls, data, prefix="")
+
+
+# What each stage's artifacts depend on. A run resumes only under a config that agrees on its stage's
+# view, and nothing else is compared: a tokenizer run resumed with another finetune.* is fine.
+# (Both tokenizers share one view: clips whose faces are not found drop out of the audio pool too.)
+VIEWS: dict[str, tuple[str, ...]] = {
+    "tokenize": ("seed", "audio", "video", "face", "audio_vq", "visual_vq"),
+    "pretrain": ("seed", "mae", "pretrain"),
+    "finetune": ("seed", "mae", "finetune"),
+}
+
+
+def config_view(cfg: Config, stage: str) -> dict[str, Any]:
+    """The sections of `cfg` that stage `stage` depends on, as a plain dict."""
+    full = cfg.to_dict()
+    return {k: full[k] for k in VIEWS[stage]}
+
+
+def view_differences(stored: Config, cfg: Config, stage: str) -> list[str]:
+    """Dotted keys of `stage`'s view whose values differ, as "key: stored → now" strings."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            out.append(f"{key}: {a!r} → {b!r}")
+
+    walk(config_view(stored, stage), config_view(cfg, stage), "")
+    return out
+
+
+def section_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """One config section (e.g. `MAEConfig`) from its stored dict; `prefix` names it in errors."""
+    return _from_dict(cls, data, prefix)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -1,4 +1,4 @@
-"""Face crops: decoded RGB frames → square RGB face crops for the visual tokenizer (DESIGN.md §2).
+"""Face crops: decoded RGB frames → square RGB face crops for the visual tokenizer (docs/design.md §2).
 
 Modes (`FaceConfig.mode`):
 
@@ -20,8 +20,7 @@ detectors we may use fetch `s3fd-619a316812.pth` (`sfd`) or `blazeface.pth` + `a
 (`blazeface`) the same way via `torch.hub.load_state_dict_from_url`. `face_detector="folder"` loads
 nothing, so with `detected_faces=[box]` only the FAN file is needed. `compile=True` (the 1.5 default)
 wraps the network in `torch.compile`, warms it up and caches artifacts under
-`~/.cache/face_alignment/compile/`; we pass `compile=False`: compiling costs minutes on a CPU and
-writes outside the run directory, for a network that runs once per frame.
+`~/.cache/face_alignment/compile/`; we pass `compile=False` (minutes on a CPU, files outside the run).
 
 Streaming: per clip, `detect` each chunk of consecutive frames (the frame counter and the previous
 face carry over between calls), `track` the whole clip's boxes (small), then `extract` each chunk.

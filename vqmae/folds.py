@@ -1,4 +1,4 @@
-"""Speaker-independent evaluation folds for stage 3 (DESIGN.md §6).
+"""Speaker-independent evaluation folds for stage 3 (docs/design.md §6).
 
 Every protocol splits usable clip-table rows into train / val / test with no speaker in two of them
 (except a user's own clip-level split, which is taken as given): k-fold over shuffled speaker groups,

@@ -1,7 +1,7 @@
 """From a clip of a dataset to model inputs: power-spectrogram frames and aligned 96×96 face crops.
 
 `load_clip` is the one place that decodes media for every stage (tokenizer training, encoding,
-prediction). Its contract on alignment (DESIGN.md §2): a clip with video has `T` frames at 25 fps
+prediction). Its contract on alignment (docs/design.md §2): a clip with video has `T` frames at 25 fps
 and exactly `2T` spectrogram frames; its waveform is padded with zeros or trimmed to `T` video
 frames, and the amount is recorded in `ClipData.av_offset`, never applied silently.
 
@@ -14,21 +14,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vqmae.audio import (SilentAudioError, frames_for_samples, peak_normalize, power_spectrogram,
-                         samples_per_video_frame)
+from vqmae.audio import (NoiseSpec, SilentAudioError, add_noise, frames_for_samples, peak_normalize,
+                         power_spectrogram, samples_per_video_frame)
 from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
 from vqmae.isolate import Outcome, isolated_map
 from vqmae.media import MediaError, iter_video, read_audio
 
-if TYPE_CHECKING:  # vqmae.noise imports vqmae.tokenize, which imports this module
-    from vqmae.noise import NoiseSpec
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +121,6 @@ def spec_from_wave(wave: np.ndarray, cfg: Config, n_video: int | None = None, *,
     if n_frames == 0:
         raise ValueError(f"audio is shorter than one spectrogram hop ({len(wave)} samples)")
     if noise is not None:
-        from vqmae.noise import add_noise  # deferred: see the TYPE_CHECKING import
 
         wave = add_noise(wave, noise, key)
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -76,20 +75,6 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     return wave
 
 
-@dataclass(frozen=True)
-class VideoInfo:
-    path: str
-    n_source_frames: int
-    source_fps: float
-    duration: float  # seconds, end time of the last frame
-    width: int
-    height: int
-
-    def n_frames(self, fps: float) -> int:
-        """Frames after resampling to `fps`."""
-        return int(np.floor(self.duration * fps + 1e-6))
-
-
 def _open_video(path: Path, max_side: int):
     from decord import VideoReader, cpu
 
@@ -153,15 +138,6 @@ def resample_indices(starts: np.ndarray, fps: float, n_out: int) -> np.ndarray:
     t = np.arange(n_out, dtype=np.float64) / fps + 1e-6
     pos = np.searchsorted(starts[order] - starts[order][0], t, side="right") - 1
     return order[np.clip(pos, 0, len(starts) - 1)]
-
-
-def probe_video(path: str | os.PathLike, max_side: int = 640) -> VideoInfo:
-    path = Path(path)
-    reader = _open_video(path, max_side)
-    ts = _timestamps(reader, path)
-    h, w = _shape(reader, path)
-    duration = float(ts[:, 1].max() - ts[:, 0].min())
-    return VideoInfo(str(path), len(reader), float(reader.get_avg_fps()), duration, w, h)
 
 
 def iter_video(path: str | os.PathLike, fps: float = 25.0, chunk_frames: int = 128,

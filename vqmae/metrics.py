@@ -1,4 +1,4 @@
-"""Evaluation metrics for stage 3 (DESIGN.md §6): WAR / UAR / macro-F1 with a confusion matrix for
+"""Evaluation metrics for stage 3 (docs/design.md §6): WAR / UAR / macro-F1 with a confusion matrix for
 categorical emotions, per-emotion F1 and ROC-AUC for multi-label, CCC for dimensional targets, a
 differentiable CCC loss, and mean ± std aggregation over folds.
 

@@ -15,30 +15,26 @@ every process, run and machine, so a noisy store can be rebuilt, sharded or resu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import zarr
 
-from vqmae.audio import SILENCE_PEAK
-from vqmae.checkpoint import checkpoint_sha256, load_tokenizer
+from vqmae.audio import NoiseSpec
+from vqmae.checkpoint import CheckpointError, LoadedTokenizer, store_tokenizers
 from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.store import TokenStore, check_specs, list_segments, parts_dir
-from vqmae.tokenize import LoadedTokenizer, TokenizeError, encode_corpus, feature_config, store_specs
+from vqmae.encoding import TokenizeError, encode_corpus, feature_config, store_specs
 from vqmae.training import Reporter
 from vqmae.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-NOISE_KINDS = ("white", "pink")
 
 
 class NoiseError(TokenizeError):
@@ -46,67 +42,7 @@ class NoiseError(TokenizeError):
     was made, or an output path holding another store. The message names the path and both sides."""
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """Additive noise at `snr_db` (signal-to-noise power ratio over the whole clip, in dB)."""
-
-    snr_db: float
-    kind: str = "white"  # or "pink" (power ∝ 1/f)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in NOISE_KINDS:
-            raise ValueError(f"noise kind {self.kind!r}: expected one of {NOISE_KINDS}")
-        if not math.isfinite(self.snr_db):
-            raise ValueError(f"noise snr_db must be finite, got {self.snr_db}")
-
-    def record(self, source: str | os.PathLike) -> dict[str, Any]:
-        """The `attrs["noise"]` of a noisy store made from `source` (its absolute path)."""
-        return {"snr_db": float(self.snr_db), "kind": self.kind, "seed": int(self.seed),
-                "source": str(Path(source).resolve())}
-
-
 # -- one waveform --------------------------------------------------------------------------------
-
-def noise_generator(spec: NoiseSpec, key: str) -> np.random.Generator:
-    """A Generator seeded from (spec.seed, key) through blake2b: unlike `hash()`, the same in every
-    process (PYTHONHASHSEED) and on every machine."""
-    digest = hashlib.blake2b(f"{int(spec.seed)}\0{key}".encode(), digest_size=16).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
-
-
-def draw_noise(n: int, spec: NoiseSpec, key: str) -> np.ndarray:
-    """Unscaled zero-mean noise, float64 [n]: white Gaussian, or that draw shaped to a 1/f power
-    spectrum in the frequency domain (amplitude ∝ f^-1/2, no DC)."""
-    white = noise_generator(spec, key).standard_normal(n)  # [n]
-    if spec.kind == "white":
-        return white
-    freqs = np.fft.rfftfreq(n)  # [n//2 + 1] cycles per sample
-    gain = np.zeros_like(freqs)
-    gain[1:] = freqs[1:] ** -0.5
-    return np.fft.irfft(np.fft.rfft(white) * gain, n)  # [n]
-
-
-def add_noise(wave: np.ndarray, spec: NoiseSpec, key: str) -> np.ndarray:
-    """`wave` float [n] plus noise scaled so 10·log10(P_signal / P_noise) == spec.snr_db, where P is
-    the mean power over the whole clip; float32 [n]. `key` (the clip id) picks the noise draw.
-
-    Raises ValueError on a silent wave (peak below `audio.SILENCE_PEAK`: the SNR is undefined, and
-    the clean encoding refuses it too), a non-finite one, or one shorter than 2 samples."""
-    x = np.asarray(wave, dtype=np.float64)
-    if x.ndim != 1 or len(x) < 2:
-        raise ValueError(f"clip {key!r}: expected a 1-D waveform of at least 2 samples, got shape "
-                         f"{tuple(np.shape(wave))}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"clip {key!r}: waveform has non-finite samples")
-    peak = float(np.abs(x).max())
-    if peak < SILENCE_PEAK:
-        raise ValueError(f"clip {key!r}: audio is silent (peak amplitude {peak:.2e}): no SNR "
-                         f"can be set")
-    noise = draw_noise(len(x), spec, key)  # [n]
-    p_signal, p_noise = np.mean(x ** 2), np.mean(noise ** 2)
-    noise *= math.sqrt(p_signal / (p_noise * 10.0 ** (spec.snr_db / 10.0)))
-    return (x + noise).astype(np.float32)
 
 
 # -- a whole store -------------------------------------------------------------------------------
@@ -137,29 +73,6 @@ def _number(x: Any) -> float | None:
     return None if math.isnan(float(x)) else float(x)
 
 
-def load_store_tokenizers(store: TokenStore, device: str = "cpu") -> dict[str, LoadedTokenizer]:
-    """{modality: tokenizer} from the checkpoint paths the store recorded, each checked against the
-    sha256 in the store's specs. A missing record, a missing file or another sha256 is a
-    `NoiseError` naming the store, the file and both values."""
-    recorded = (store.attrs.get("config") or {}).get("tokenizers") or {}
-    found = {}
-    for m, spec in store.specs.items():
-        if m not in recorded:
-            raise NoiseError(f"{store.path}: records no {m} tokenizer path (made by an older vqmae?); "
-                             f"it needs the tokenizer with sha256 {spec.tokenizer_sha256}")
-        path = Path(recorded[m]["path"])
-        if not path.is_file():
-            raise NoiseError(f"{store.path}: its {m} tokenizer {path} (sha256 "
-                             f"{spec.tokenizer_sha256}) does not exist")
-        sha = checkpoint_sha256(path)
-        if sha != spec.tokenizer_sha256:
-            raise NoiseError(f"{store.path}: its {m} tokenizer {path} changed after the store was "
-                             f"made: file has sha256 {sha}, store has {spec.tokenizer_sha256}")
-        model, ckpt = load_tokenizer(path, device)
-        found[m] = LoadedTokenizer(model.eval(), ckpt, sha, path.resolve())
-    return found
-
-
 def noisy_store(store_path: str | os.PathLike, out_path: str | os.PathLike, spec: NoiseSpec, *,
                 cfg: Config | None = None, clips: Sequence[ClipInfo] | None = None,
                 device: str = "cpu", workers: int = 1, reporter: Reporter = Reporter()) -> Path:
@@ -185,7 +98,10 @@ def noisy_store(store_path: str | os.PathLike, out_path: str | os.PathLike, spec
         _marker(out_path).unlink(missing_ok=True)
         return out_path
     _check_out_path(out_path, record)
-    tokenizers = load_store_tokenizers(source, device)
+    try:
+        tokenizers = store_tokenizers(source, device=device)
+    except CheckpointError as e:
+        raise NoiseError(str(e)) from None
     check_specs(store_path, source.specs, store_specs(tokenizers), have_name="store",
                 want_name="its tokenizers")
     cfg = _encoding_config(source, cfg, tokenizers)

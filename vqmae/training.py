@@ -1,16 +1,31 @@
-"""Pieces every training loop shares: progress reporting, the LR schedule, the precision context and
-the torchrun / DDP process group."""
+"""The one training loop (`Fit`) the tokenizers, pretraining and fine-tuning all run, and what it
+stands on: progress reporting, the LR schedule, metric logs, the torchrun / DDP process group.
+
+    fit = Fit("pretrain", model, opt, total_steps=…, warmup_steps=…, grad_clip=…, device=…)
+    step = fit.run(step_fn, start=step, stop=stop, log_every=10, on_log=…, hooks=[(100, save)])
+
+A stage supplies `step_fn(step) → StepOut(loss, metrics, n)`: its batch and forward pass, run under
+the precision context the loop chose once. The loop does the rest the same way for every stage: the
+per-iteration learning rate, a non-finite loss stopping every rank together with the step number,
+the backward pass, gradient clipping, the optimizer step, averaging metrics over the steps between
+log rows (and over ranks), progress, and periodic hooks (validation, checkpoints, panels).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+
+from vqmae.utils import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +44,6 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def autocast_context(device: str | torch.device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere (chosen once per loop)."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @dataclass(frozen=True)
@@ -88,3 +96,119 @@ def all_reduce_mean(values: dict[str, float], info: Dist, device: str) -> dict[s
     dist.all_reduce(both)
     mean = both[0] / both[1]  # NaN where no rank had a value
     return dict(zip(keys, mean.tolist()))
+
+
+class MetricsLog:
+    """Append-only JSON lines (`metrics.jsonl`), one object per row; a no-op off rank 0 or without
+    a path."""
+
+    def __init__(self, path: str | os.PathLike | None, info: Dist = Dist()):
+        self.path = Path(path) if path is not None and info.main else None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(row)) + "\n")
+
+
+@dataclass
+class StepOut:
+    """What a stage's step function returns: the loss to minimise (a scalar tensor), metrics to log
+    (floats or 0-d tensors, the same keys every step on every rank) and this rank's sample count."""
+
+    loss: torch.Tensor
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    n: int = 0
+
+
+def base_lrs(opt: torch.optim.Optimizer) -> list[float]:
+    """Each parameter group's configured learning rate (read this before a resume loads optimizer
+    state, which carries the last scheduled value)."""
+    return [float(g.get("base_lr", g["lr"])) for g in opt.param_groups]
+
+
+class Fit:
+    """One optimisation loop; see the module docstring.
+
+    `model` is the unwrapped module (gradients are clipped over its parameters); `step_fn` may call
+    a DDP / compiled wrapper of it. `bases` are the groups' peak learning rates (`base_lrs`), each
+    scheduled with warm-up and cosine decay over `total_steps`.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, *,
+                 total_steps: int, warmup_steps: int, grad_clip: float, bases: Sequence[float],
+                 device: str = "cpu", info: Dist = Dist(), reporter: Reporter = Reporter()):
+        self.name, self.model, self.opt = name, model, opt
+        self.total_steps, self.warmup_steps, self.grad_clip = total_steps, warmup_steps, grad_clip
+        self.bases = list(bases)
+        self.device, self.info, self.reporter = device, info, reporter
+        if len(self.bases) != len(opt.param_groups):
+            raise ValueError(f"{name}: {len(self.bases)} base learning rates for "
+                             f"{len(opt.param_groups)} parameter groups")
+
+    def run(self, step_fn: Callable[[int], StepOut], *, start: int, stop: int, log_every: int,
+            on_log: Callable[[int, dict[str, float]], None] | None = None,
+            hooks: Sequence[tuple[int, Callable[[int], None]]] = (),
+            keys: Sequence[str] | None = None,
+            progress: Callable[[dict[str, float]], dict[str, Any]] | None = None) -> int:
+        """Steps `start` → `stop`; returns `stop`.
+
+        Every `log_every` steps (and at `stop`) the metrics of the steps since the last row are
+        averaged (`keys`: the fixed set to average, NaN where absent; default: the first step's
+        keys plus loss/total and grad_norm), averaged over ranks, and passed with `step`, `lr` and
+        `samples_per_s` to `on_log(step, row)`. Each hook `(period, fn)` runs `fn(step)` after every
+        `period`-th step and at `stop`, in the order given.
+        """
+        ctx = autocast_context(self.device)
+        self.reporter.start(self.name, self.total_steps)
+        self.reporter.advance(self.name, start)
+        window: list[dict[str, float]] = []
+        t0, n_samples, last_log = time.perf_counter(), 0, start
+        step = start
+        while step < stop:
+            for group, base in zip(self.opt.param_groups, self.bases):
+                group["lr"] = lr_at(step, base, self.warmup_steps, self.total_steps)
+            with ctx:
+                out = step_fn(step)
+            loss = out.loss.float()
+            self._check_finite(loss, step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            step += 1
+            n_samples += out.n * self.info.world_size
+            window.append({"loss/total": loss.item(), "grad_norm": float(grad_norm),
+                           **{k: float(v) for k, v in out.metrics.items()}})
+            if step % log_every == 0 or step == stop:
+                row = self._row(window, keys, step, n_samples, t0)
+                window = []
+                if on_log is not None:
+                    on_log(step, row)
+                self.reporter.advance(self.name, step - last_log, **(progress(row) if progress else
+                                                                     {"loss": row["loss/total"]}))
+                last_log = step
+            for period, fn in hooks:
+                if step % period == 0 or step == stop:
+                    fn(step)
+        self.reporter.finish(self.name)
+        return step
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Raise on a NaN / inf loss, on every rank at once (one rank raising alone would leave the
+        others waiting in the next collective)."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.info.enabled:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            raise FloatingPointError(f"{self.name}: non-finite loss ({loss.item()} on rank "
+                                     f"{self.info.rank}) at step {step}")
+
+    def _row(self, window: list[dict[str, float]], keys: Sequence[str] | None, step: int,
+             n_samples: int, t0: float) -> dict[str, float]:
+        keys = list(keys) if keys is not None else list(window[0])
+        row = {k: float(np.mean(vals)) if (vals := [w[k] for w in window if k in w]) else math.nan
+               for k in keys}
+        row = all_reduce_mean(row, self.info, self.device)
+        return {"step": step, "lr": self.opt.param_groups[0]["lr"],
+                "samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9), **row}

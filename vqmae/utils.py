@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from contextlib import nullcontext
 from typing import Any, BinaryIO, Callable
 
 
@@ -54,3 +55,12 @@ def resolve_device(name: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def autocast_context(device: str | Any):
+    """bf16 autocast on CUDA, plain fp32 elsewhere (chosen once per loop)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

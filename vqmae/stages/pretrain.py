@@ -22,11 +22,10 @@ so windows of that epoch are seen again.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqmae.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from vqmae.checkpoint import (ParentMismatchError, check_parents, check_resume, load_checkpoint, restore_rng,
+                              save_checkpoint, store_parents, store_tokenizers)
 from vqmae.config import Config
-from vqmae.mae import MAEDims, MAEModel
-from vqmae.recon import find_tokenizers, predicted_codes, save_panels
+from vqmae.models.layout import MAEDims
+from vqmae.models.mae import MAEModel
+from vqmae.recon import predicted_codes, save_panels
 from vqmae.store import TokenStore
-from vqmae.training import Dist, Reporter, all_reduce_mean, autocast_context, init_distributed, lr_at
-from vqmae.utils import atomic_write_json
-from vqmae.windows import (WindowBatch, WindowData, make_batch, position_counts, tile_windows,
+from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, base_lrs, init_distributed
+from vqmae.utils import atomic_write_json, autocast_context
+from vqmae.windows import (WindowBatch, WindowData, batch_dict, make_batch, position_counts, tile_windows,
                            unigram_baseline)
 
 log = logging.getLogger(__name__)
@@ -53,34 +54,6 @@ MASK_SEED_OFFSET = 7_919
 
 class PretrainError(RuntimeError):
     """A run that must not start or continue (tokenizer mismatch, other config on resume, ...)."""
-
-
-def store_parents(store: TokenStore) -> dict[str, str]:
-    """The tokenizer hashes a model trained on `store` depends on: {"audio_tokenizer": sha, ...}."""
-    return {f"{m}_tokenizer": spec.tokenizer_sha256 for m, spec in sorted(store.specs.items())}
-
-
-def check_parents(where: Path, expected: dict[str, str], store: TokenStore) -> None:
-    """Refuse a store whose tokenizers differ from the ones a checkpoint was trained on."""
-    have = store_parents(store)
-    for key, sha in expected.items():
-        if key in have and have[key] != sha:
-            raise PretrainError(f"{where}: {key} mismatch: checkpoint was trained on {sha[:12]}…, "
-                                f"store {store.path} has {have[key][:12]}…")
-        if key not in have:
-            raise PretrainError(f"{where}: checkpoint needs {key}, store {store.path} has only "
-                                f"{sorted(have)}")
-
-
-def batch_dict(batch: WindowBatch, device: str) -> dict[str, torch.Tensor]:
-    """A `WindowBatch` as the model's input dict, on `device`."""
-    out = {}
-    for m in ("audio", "visual"):
-        codes = getattr(batch, m)
-        if codes is not None:
-            out[m] = codes.to(device, non_blocking=True)
-            out[f"{m}_valid"] = getattr(batch, f"{m}_valid").to(device, non_blocking=True)
-    return out
 
 
 def mask_generator(seed: int, step: int, device: str) -> torch.Generator:
@@ -196,6 +169,25 @@ class PretrainResult:
     unigram: dict[str, float]
     windows_per_s: float
     model: MAEModel
+    run: Path
+    warnings: list[str]  # also logged: what a caller should not miss
+
+    @property
+    def accuracy(self) -> dict[str, tuple[float, float]]:
+        """{modality: (held-out masked-token accuracy, per-position unigram accuracy)}."""
+        return {m: (self.val[f"val/acc_{m}"], self.unigram.get(f"unigram/{m}", math.nan))
+                for m in ("audio", "visual") if f"val/acc_{m}" in self.val}
+
+
+def context_warnings(result: PretrainResult) -> list[str]:
+    """A model whose masked-token accuracy is not above the unigram baseline ignores the context;
+    fine-tuning from it may trail training from scratch."""
+    behind = [f"{m} {acc:.3f} ≤ {base:.3f}" for m, (acc, base) in result.accuracy.items() if acc <= base]
+    if not behind:
+        return []
+    return [f"masked-token accuracy not above the unigram baseline ({'; '.join(behind)}): the model "
+            f"does not use the visible context yet, and fine-tuning from it may trail training from "
+            f"scratch. More steps, or see README stage 2 (masking, position init)."]
 
 
 def val_windows(data: WindowData) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -283,6 +275,8 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     model = MAEModel(cfg.mae, dims).to(device)
     lr = pcfg.base_lr * pcfg.batch_size / 256
     opt = torch.optim.AdamW(param_groups(model, pcfg.weight_decay), lr=lr, betas=tuple(pcfg.betas))
+    fit = Fit("pretrain", model, opt, total_steps=pcfg.steps, warmup_steps=pcfg.warmup_steps,
+              grad_clip=pcfg.grad_clip, bases=base_lrs(opt), device=device, info=info, reporter=reporter)
     path = run / CKPT_NAME
     step = _resume(path, cfg, model, opt, store, info)
     if step == 0 and cfg.mae.unigram_prior:  # a resumed run has its prior in the checkpoint
@@ -300,70 +294,62 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     masker = GlobalMasking(model, data, device)
     gather = partial(gather_rows, info=info)
     unigram = _unigram(store, data, run, info)
-    panel_tokenizers = find_tokenizers(store, device=device) if info.main else {}
+    panel_tokenizers = {m: t.model for m, t in store_tokenizers(store, device=device, required=False).items()} \
+        if info.main else {}
     stop = min(pcfg.steps, max_steps if max_steps is not None else pcfg.steps)
-    ctx = autocast_context(device)
     batches = data.train_loader(step)
-    reporter.start("pretrain", pcfg.steps)
-    reporter.advance("pretrain", step)
-    window: list[dict[str, float]] = []
+    metrics = MetricsLog(run / "metrics.jsonl", info)
     # a finished run that is started again evaluates instead of overwriting its summary with nothing
     val: dict[str, float] = evaluate(model, data, masker, cfg, device, info) if step >= stop else {}
-    t_start, n_windows = time.perf_counter(), 0
     net.train()
-    while step < stop:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, pcfg.warmup_steps, pcfg.steps)
+
+    def step_fn(step: int) -> StepOut:
         batch = next(batches)
         lo = info.rank * data.per_rank
         masks = masker.draw(*global_windows(data, batch, step, info, device),
                             mask_generator(cfg.seed, step, device), lo, lo + len(batch))
-        with ctx:
-            out = net(batch_dict(batch, device), None, mask=masks.mask,
-                      ce_denominator={m: c / info.world_size for m, c in masks.count.items()},
-                      gather=gather)
-        loss = out.loss.float()
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
-        if info.enabled:  # every rank stops together: one raising alone would hang the others
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite):
-            raise FloatingPointError(f"pretrain: non-finite loss ({loss.item()} on rank {info.rank}) "
-                                     f"at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg.grad_clip)
-        opt.step()
-        step += 1
-        n_windows += len(batch) * info.world_size
-        window.append({"loss/total": loss.item(), "grad_norm": float(grad_norm),
-                       **{k: float(v) for k, v in out.metrics.items()},
-                       **{f"mask/{m}": float(f) for m, f in masks.fraction.items()}})
-        keys = metric_keys(model) + ["grad_norm"]
-        if step % pcfg.log_every == 0 or step == stop:
-            row = _log_row(window, keys, step, opt, n_windows, t_start, info, device)
-            window = []
-            if info.main:
-                _append_jsonl(run / "metrics.jsonl", row)
-            reporter.advance("pretrain", pcfg.log_every if step % pcfg.log_every == 0 else step % pcfg.log_every,
-                             loss=row["loss/total"], **{k: row[k] for k in ("acc/audio", "acc/visual") if k in row},
-                             windows_s=row["windows_per_s"])
-        if step % pcfg.val_every == 0 or step == stop:
-            val = evaluate(model, data, masker, cfg, device, info)
-            if info.main:
-                _append_jsonl(run / "metrics.jsonl", {"step": step, **val})
-        if info.main and (step % pcfg.recon_every == 0 or step == stop):
+        out = net(batch_dict(batch, device), None, mask=masks.mask,
+                  ce_denominator={m: c / info.world_size for m, c in masks.count.items()}, gather=gather)
+        return StepOut(out.loss, {**out.metrics, **{f"mask/{m}": f for m, f in masks.fraction.items()}},
+                       len(batch))
+
+    def on_log(step: int, row: dict[str, float]) -> None:
+        row["windows_per_s"] = row.pop("samples_per_s")
+        metrics.write(row)
+
+    def validate(step: int) -> None:
+        nonlocal val
+        val = evaluate(model, data, masker, cfg, device, info)
+        metrics.write({"step": step, **val})
+
+    def panels(step: int) -> None:
+        if info.main:
             _panels(model, data, panel_tokenizers, run, step, cfg, device)
-        if info.main and (step % pcfg.ckpt_every == 0 or step == stop):
+
+    def save(step: int) -> None:
+        if info.main:
             save_checkpoint(path, kind="mae", model=model, config=cfg.to_dict(), parents=parents,
                             step=step, metrics={**val}, optimizer=opt,
                             extra={"dims": dims.to_dict(), "store": str(store.path)})
-    reporter.finish("pretrain")
+
+    t_start = time.perf_counter()
+    step0 = step
+    step = fit.run(step_fn, start=step, stop=stop, log_every=pcfg.log_every, on_log=on_log,
+                   keys=metric_keys(model) + ["grad_norm"],
+                   hooks=[(pcfg.val_every, validate), (pcfg.recon_every, panels), (pcfg.ckpt_every, save)],
+                   progress=lambda row: {"loss": row["loss/total"], "windows_s": row["windows_per_s"],
+                                         **{k: row[k] for k in ("acc/audio", "acc/visual") if k in row}})
+    n_windows = (step - step0) * data.batch_size
     wps = n_windows / max(time.perf_counter() - t_start, 1e-9)
     if info.main:
         _write_summary(run, step, val, unigram, wps)
     if info.enabled:
         torch.distributed.barrier()  # no rank returns before rank 0 has written the checkpoint
-    return PretrainResult(path, step, val, unigram, wps, model)
+    result = PretrainResult(path, step, val, unigram, wps, model, run, [])
+    result.warnings = context_warnings(result)
+    for w in result.warnings:
+        log.warning("%s", w)
+    return result
 
 
 def _panels(model: MAEModel, data: WindowData, tokenizers: dict, run: Path, step: int, cfg: Config,
@@ -410,11 +396,11 @@ def _resume(path: Path, cfg: Config, model: MAEModel, opt: torch.optim.Optimizer
 
 def _load_resume_state(path: Path, cfg: Config, store: TokenStore) -> dict[str, Any]:
     ckpt = load_checkpoint(path, kind="mae")
-    check_parents(path, ckpt["parents"], store)
-    stored = Config.from_dict(ckpt["config"])
-    if replace(stored, device=cfg.device) != replace(cfg, device=stored.device):
-        raise PretrainError(f"{path}: checkpoint was trained with another config; resume with the "
-                            f"same --preset/--set, or use a new run directory")
+    try:
+        check_parents(path, ckpt["parents"], store)
+    except ParentMismatchError as e:
+        raise PretrainError(str(e)) from None
+    check_resume(path, ckpt["config"], cfg, "pretrain", PretrainError)
     return {k: ckpt[k] for k in ("step", "state_dict", "optimizer", "rng")}
 
 
@@ -428,20 +414,6 @@ def _unigram(store: TokenStore, data: WindowData, run: Path, info: Dist) -> dict
                                                       "train_accuracy": b.train_accuracy}
                                                   for m, b in base.items()})
     return out
-
-
-def _log_row(window: list[dict[str, float]], keys: list[str], step: int, opt, n_windows: int,
-             t_start: float, info: Dist, device: str) -> dict[str, float]:
-    row = {k: float(np.mean(vals)) if (vals := [w[k] for w in window if k in w]) else math.nan
-           for k in keys}
-    row = all_reduce_mean(row, info, device)
-    return {"step": step, "lr": opt.param_groups[0]["lr"],
-            "windows_per_s": n_windows / max(time.perf_counter() - t_start, 1e-9), **row}
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _write_summary(run: Path, step: int, val: dict[str, float], unigram: dict[str, float],

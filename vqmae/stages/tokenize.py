@@ -11,48 +11,32 @@ skips clips already committed, so an interrupted run resumes without losing or d
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, load_tokenizer, restore_rng, save_checkpoint
-from vqmae.config import Config
-from vqmae.datasets import ClipInfo
+from vqmae.checkpoint import (TOKENIZER_FILES, TOKENIZER_KIND, check_resume, load_checkpoint, load_tokenizer,
+                              load_tokenizers, restore_rng, save_checkpoint)
+from vqmae.config import Config, view_differences
+from vqmae.datasets import ClipInfo, scan
 from vqmae.framepool import FramePool
 from vqmae.ingest import ClipData, Failure, ingest
-from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
-from vqmae.tokenizers import build_tokenizer
-from vqmae.training import Reporter, autocast_context, lr_at
-from vqmae.utils import atomic_write_json
-
-if TYPE_CHECKING:
-    from vqmae.noise import NoiseSpec
+from vqmae.encoding import TokenizeError, encode_corpus, store_failures
+from vqmae.models.tokenizers import build_tokenizer, decode_codes, encode_frames, faces_to_tensor
+from vqmae.training import Fit, MetricsLog, Reporter, StepOut, base_lrs
+from vqmae.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-KINDS = {"audio": "audio_vqvae", "visual": "visual_vqvae"}
-CKPT_NAMES = {m: f"{k}.pt" for m, k in KINDS.items()}
-
-
-class TokenizeError(RuntimeError):
-    """Stage-1 problem that stops the run (mismatched tokenizers, nothing to train on, ...)."""
-
-
-def clip_record(clip: ClipInfo, index: int, data: ClipData | None = None) -> dict[str, Any]:
-    """The store's table row for a clip (everything but codes, starts and lengths)."""
-    return {
-        "clip_id": clip.clip_id, "index": index, "path": clip.path, "dataset": clip.dataset,
-        "speaker": clip.speaker, "label": clip.label, "labels": clip.labels, "split": clip.split,
-        "valence": clip.valence, "arousal": clip.arousal, "dominance": clip.dominance,
-        "face_rate": None if data is None else data.face_rate,
-    }
 
 
 def ordered(outcomes: Iterator[tuple[ClipInfo, ClipData | None, Failure | None]],
@@ -121,17 +105,6 @@ def fill_pools(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str]
     return pools
 
 
-def faces_to_tensor(faces: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    """uint8 [N, S, S, 3] → float [N, 3, S, S] in [-0.5, 0.5] (DESIGN.md §2 pixel range)."""
-    x = torch.from_numpy(np.ascontiguousarray(faces)).to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
-
-
-def tensor_to_faces(x: torch.Tensor) -> np.ndarray:
-    """float [N, 3, S, S] in [-0.5, 0.5] → uint8 [N, S, S, 3]."""
-    return ((x.float() + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _batch(modality: str, pool: FramePool, n: int, gen: torch.Generator, device) -> torch.Tensor:
     frames = pool.sample(n, gen)
     if modality == "audio":
@@ -147,20 +120,19 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
     """Train (or resume) one tokenizer on its pool; returns the checkpoint path.
 
     `max_steps` stops early (checkpointing there; the schedule still spans the configured steps)."""
-    kind = KINDS[modality]
+    kind = TOKENIZER_KIND[modality]
     tcfg = cfg.audio_vq if modality == "audio" else cfg.visual_vq
-    path = out_dir / CKPT_NAMES[modality]
+    path = out_dir / TOKENIZER_FILES[modality]
     torch.manual_seed(cfg.seed)
     model = build_tokenizer(kind, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    fit = Fit(f"train {modality}", model, opt, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps,
+              grad_clip=1.0, bases=base_lrs(opt), device=device, reporter=reporter)
     gen = torch.Generator().manual_seed(cfg.seed + (0 if modality == "audio" else 1))
     step = 0
     if path.exists():
         ckpt = load_checkpoint(path, kind=kind)
-        stored = Config.from_dict(ckpt["config"])
-        if stored != cfg:
-            raise TokenizeError(f"{path}: checkpoint was trained with another config; "
-                                f"use a new run directory or the same --preset/--set")
+        check_resume(path, ckpt["config"], cfg, "tokenize", TokenizeError)
         model.load_state_dict(ckpt["state_dict"])
         if ckpt.get("optimizer"):
             opt.load_state_dict(ckpt["optimizer"])
@@ -175,76 +147,31 @@ def train_one(modality: str, pool: FramePool, cfg: Config, out_dir: Path, *, dev
         stats_frames = pool.frames[:pool.filled][:: max(1, pool.filled // 20000)]
         model.set_input_stats(torch.from_numpy(stats_frames).to(device))
     model.train()
-    ctx = autocast_context(device)
-    reporter.start(f"train {modality}", tcfg.steps)
-    reporter.advance(f"train {modality}", step)
-    window: list[dict[str, float]] = []
+    log_file = MetricsLog(metrics_file)
     last: dict[str, float] = {}
+
+    def step_fn(step: int) -> StepOut:
+        out = model(_batch(modality, pool, tcfg.batch_frames, gen, device))
+        return StepOut(out.loss, out.metrics, tcfg.batch_frames)
+
+    def on_log(step: int, row: dict[str, float]) -> None:
+        nonlocal last
+        last = {"step": step, "model": kind, **row}
+        log_file.write(last)
+
+    def save(step: int) -> None:
+        save_checkpoint(path, kind=kind, model=model, config=cfg.to_dict(), step=step,
+                        optimizer=opt, extra={"generator": gen.get_state()},
+                        metrics={k: v for k, v in last.items() if k != "model"})
+
     stop = min(tcfg.steps, max_steps if max_steps is not None else tcfg.steps)
-    while step < stop:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps)
-        x = _batch(modality, pool, tcfg.batch_frames, gen, device)
-        with ctx:
-            out = model(x)
-        loss = out.loss.float()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{kind}: non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        window.append({k: float(v) for k, v in out.metrics.items()} | {"loss/total": loss.item()})
-        if step % log_every == 0 or step == stop:
-            row = {"step": step, "model": kind, "lr": opt.param_groups[0]["lr"],
-                   **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
-            window, last = [], row
-            if metrics_file is not None:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            reporter.advance(f"train {modality}", log_every if step % log_every == 0 else step % log_every,
-                             loss=row["loss/total"], perplexity=row.get("vq/perplexity", 0.0))
-        if step % ckpt_every == 0 or step == stop:
-            save_checkpoint(path, kind=kind, model=model, config=cfg.to_dict(), step=step,
-                            optimizer=opt, extra={"generator": gen.get_state()},
-                            metrics={k: v for k, v in last.items() if k != "model"})
-    reporter.finish(f"train {modality}")
+    fit.run(step_fn, start=step, stop=stop, log_every=log_every, on_log=on_log,
+            hooks=[(ckpt_every, save)],
+            progress=lambda row: {"loss": row["loss/total"], "perplexity": row.get("vq/perplexity", 0.0)})
     return path
 
 
 # -- evaluation -------------------------------------------------------------------------------
-
-@torch.no_grad()
-def encode_frames(model, modality: str, frames: np.ndarray, device: str,
-                  batch: int = 1024) -> np.ndarray:
-    """Codes for every frame, batched on `device`: audio [T, 513] → [T, 64], faces [T, S, S, 3] →
-    [T, H*W]; uint16."""
-    model.eval()
-    out = []
-    ctx = autocast_context(device)
-    for lo in range(0, len(frames), batch):
-        chunk = frames[lo:lo + batch]
-        x = torch.from_numpy(chunk).to(device) if modality == "audio" else faces_to_tensor(chunk, device)
-        with ctx:
-            codes = model.encode(x)
-        out.append(codes.reshape(len(chunk), -1).to(torch.int32).cpu().numpy().astype(np.uint16))
-    n_tokens = int(np.prod(model.grid))
-    return np.concatenate(out) if out else np.zeros((0, n_tokens), np.uint16)
-
-
-@torch.no_grad()
-def decode_codes(model, modality: str, codes: np.ndarray, device: str, batch: int = 1024) -> np.ndarray:
-    """Inverse of `encode_frames`: audio → power [T, 513] float32, visual → uint8 faces."""
-    model.eval()
-    out = []
-    for lo in range(0, len(codes), batch):
-        c = torch.from_numpy(codes[lo:lo + batch].astype(np.int64)).to(device)
-        c = c.reshape(len(c), *model.grid)
-        x = model.decode(c)
-        out.append(x.float().cpu().numpy() if modality == "audio" else tensor_to_faces(x))
-    return np.concatenate(out)
-
 
 def _is_div(x: np.ndarray, y: np.ndarray) -> float:
     """Mean Itakura-Saito divergence between power spectra (same floor as the training loss)."""
@@ -332,18 +259,19 @@ def train_tokenizers(clips: Sequence[ClipInfo], cfg: Config, run_dir: Path, *,
 
 
 def _finished(out: Path, modalities: Sequence[str], cfg: Config) -> TrainResult | None:
-    """The earlier result when every tokenizer finished its steps with this config and was evaluated."""
+    """The earlier result when every tokenizer finished its steps with this config's tokenize view
+    and was evaluated."""
     report = out / "eval.json"
     if not report.exists():
         return None
     ckpts = {}
     for m in modalities:
-        path = out / CKPT_NAMES[m]
+        path = out / TOKENIZER_FILES[m]
         steps = (cfg.audio_vq if m == "audio" else cfg.visual_vq).steps
         if not path.exists():
             return None
-        ckpt = load_checkpoint(path, kind=KINDS[m])
-        if ckpt["step"] < steps or Config.from_dict(ckpt["config"]) != cfg:
+        ckpt = load_checkpoint(path, kind=TOKENIZER_KIND[m])
+        if ckpt["step"] < steps or view_differences(Config.from_dict(ckpt["config"]), cfg, "tokenize"):
             return None
         ckpts[m] = path
     evaluation = json.loads(report.read_text())
@@ -371,115 +299,71 @@ def _evaluate_and_plot(model, m: str, pool: FramePool, held_pools: Pools | None,
     return ev, figs
 
 
-@dataclass
-class LoadedTokenizer:
-    model: torch.nn.Module
-    ckpt: dict[str, Any]
-    sha256: str
-    path: Path
-
-
-def load_tokenizers(directory: Path, modalities: Sequence[str], device: str) -> dict[str, LoadedTokenizer]:
-    """{modality: LoadedTokenizer} from `directory/{audio,visual}_vqvae.pt`."""
-    found = {}
-    for m in modalities:
-        path = Path(directory) / CKPT_NAMES[m]
-        if not path.exists():
-            raise TokenizeError(f"{directory}: no {CKPT_NAMES[m]} (needed for modality {m!r})")
-        model, ckpt = load_tokenizer(path, device)
-        model.eval()
-        found[m] = LoadedTokenizer(model, ckpt, checkpoint_sha256(path), path.resolve())
-    return found
-
-
-def feature_config(cfg: Config, tokenizers: dict[str, LoadedTokenizer]) -> Config:
-    """The config to decode with: the tokenizers' own feature settings (audio STFT, frame rate,
-    face size) override today's, since codes are only meaningful for the features they were
-    trained on. Differences are logged; face detection settings stay the user's."""
-    for m, tok in tokenizers.items():
-        stored = Config.from_dict(tok.ckpt["config"])
-        if m == "audio" and stored.audio != cfg.audio:
-            log.warning("using the audio tokenizer's audio features %s (command line had %s)",
-                        stored.audio, cfg.audio)
-            cfg = replace(cfg, audio=stored.audio)
-        if m == "visual":
-            if stored.face.size != cfg.face.size or stored.video.fps != cfg.video.fps:
-                log.warning("using the visual tokenizer's face size %d and fps %g",
-                            stored.face.size, stored.video.fps)
-            cfg = replace(cfg, face=replace(cfg.face, size=stored.face.size),
-                          video=replace(cfg.video, fps=stored.video.fps))
-    return cfg
-
-
-def store_specs(tokenizers: dict[str, LoadedTokenizer]) -> dict[str, ModalitySpec]:
-    return {m: ModalitySpec(name=m, codebook_size=t.model.codebook_size, grid=tuple(t.model.grid),
-                            frame_rate=float(t.model.frame_rate), tokenizer_sha256=t.sha256)
-            for m, t in tokenizers.items()}
-
+# -- the stage ----------------------------------------------------------------------------------
 
 @dataclass
-class EncodeResult:
+class TokenizeResult:
+    """What `tokenize` did: the store (merged unless sharded), the clip counts, every failed clip
+    (also in the run's failures CSV) and the tokenizers' held-out evaluation when they were trained."""
+
+    store: Path
+    run: Path
+    tokenizers: Path
     encoded: int
-    failed: list[Failure]
     skipped_done: int
     merged: bool
+    failures: list[Failure]
+    evaluation: dict[str, dict[str, float]] | None
+    failures_csv: Path
+    seconds: float
 
 
-def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
-                  tokenizers: dict[str, LoadedTokenizer], *,
-                  shard: tuple[int, int] = (0, 1), device: str = "cpu", workers: int = 1,
-                  reporter: Reporter = Reporter(), on_clip: Callable[[], None] | None = None,
-                  noise: NoiseSpec | None = None) -> EncodeResult:
-    """Encode this shard's clips (index % n == i) into `store`; merge when running unsharded.
-
-    `clips` is the full scan (positions are the store's canonical `index`). Clips already committed
-    are skipped, so a rerun after an interruption resumes. `noise` adds seeded noise to every
-    clip's waveform before the STFT (see `vqmae.noise`).
-    """
-    modalities = tuple(tokenizers)
-    cfg = feature_config(cfg, tokenizers)
-    # the store's config records where its tokenizers live (for reconstructions in later stages)
-    config = {"config": cfg.to_dict(),
-              "tokenizers": {m: {"path": str(t.path), "sha256": t.sha256} for m, t in tokenizers.items()}}
-    writer = StoreWriter(store, store_specs(tokenizers), shard=shard, cfg=cfg.store, config=config)
-    index = {c.clip_id: i for i, c in enumerate(clips)}
-    mine = [c for i, c in enumerate(clips) if i % shard[1] == shard[0]]
-    todo = [c for c in mine if c.clip_id not in writer.done]
+def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path, *,
+             tokenizers: str | Path | None = None, kind: str = "auto",
+             modalities: Sequence[str] = ("audio", "visual"), shard: tuple[int, int] = (0, 1),
+             workers: int = 2, device: str = "cpu", train_only: bool = False,
+             heldout_fraction: float = 0.1, reporter: Reporter = Reporter()) -> TokenizeResult:
+    """Stage 1 from a corpus: scan it, train both tokenizers (or load `tokenizers`, a directory
+    with audio_vqvae.pt / visual_vqvae.pt), encode this shard's clips into `out` and list every
+    failure in `run_dir/failures.csv` (one file per shard). Resumable at every point."""
+    t0 = time.perf_counter()
+    run, out = Path(run_dir), Path(out)
+    clips = scan(data, kind).clips  # before the run directory is made: a bad corpus leaves none
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", cfg.to_dict())
     failures: list[Failure] = []
-    reporter.start("encode", len(mine))
-    reporter.advance("encode", len(mine) - len(todo))
-    encoded = 0
-    with writer:
-        # completion order: `merge` sorts by index, and holding early finishers back for a slow
-        # clip would keep their arrays in memory
-        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers, noise=noise):
-            if failure is not None:
-                failures.append(failure)
-                if failure.stage != "decode":  # a crash or timeout may be transient: retry on rerun
-                    writer.add_failure(clip_record(clip, index[clip.clip_id]), failure.stage,
-                                       failure.reason)
-            else:
-                codes = {}
-                if data.spec is not None:
-                    codes["audio"] = encode_frames(tokenizers["audio"].model, "audio", data.spec, device)
-                if data.faces is not None and "visual" in tokenizers:
-                    codes["visual"] = encode_frames(tokenizers["visual"].model, "visual", data.faces, device)
-                writer.add(clip_record(clip, index[clip.clip_id], data), codes)
-                encoded += 1
-            reporter.advance("encode")
-            if on_clip is not None:
-                on_clip()
-    reporter.finish("encode")
-    merged = shard[1] == 1
-    if merged:
-        merge(store)
-    return EncodeResult(encoded, failures, len(mine) - len(todo), merged)
+    evaluation = None
+    if tokenizers is None:
+        if shard != (0, 1):
+            raise TokenizeError("--shard needs --tokenizers: train once (e.g. with --train-only), "
+                                "then give every shard the same tokenizers")
+        trained = train_tokenizers(clips, cfg, run, modalities=modalities, device=device, workers=workers,
+                                   heldout_fraction=heldout_fraction, reporter=reporter)
+        failures += trained.failures
+        evaluation = trained.evaluation
+        tokenizers = run / "tokenizers"
+    # concurrent shards share the run directory: one failures file each
+    csv_path = run / ("failures.csv" if shard == (0, 1) else f"failures-shard{shard[0]}of{shard[1]}.csv")
+    if train_only:
+        write_failures(csv_path, failures)
+        return TokenizeResult(out, run, Path(tokenizers), 0, 0, False, failures, evaluation, csv_path,
+                              time.perf_counter() - t0)
+    loaded = load_tokenizers(tokenizers, modalities, device)
+    result = encode_corpus(clips, cfg, out, loaded, shard=shard, device=device, workers=workers,
+                           reporter=reporter)
+    failed = store_failures(out) if result.merged else list(result.failed)
+    known = {f.path for f in failed}
+    failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
+    failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
+    write_failures(csv_path, failed)
+    return TokenizeResult(out, run, Path(tokenizers), result.encoded, result.skipped_done, result.merged,
+                          failed, evaluation, csv_path, time.perf_counter() - t0)
 
 
-def store_failures(store: Path) -> list[Failure]:
-    """Every failed clip recorded in a merged store (this run's and earlier runs')."""
-    out = []
-    for clip_id, path, error in TokenStore.open(store).failures():
-        stage, _, reason = error.partition(": ")
-        out.append(Failure(path, stage, reason, clip_id))
-    return out
+def write_failures(path: Path, failures: Sequence[Failure]) -> None:
+    """path,stage,reason per failed input (atomic)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "stage", "reason"])
+    w.writerows([[f.path, f.stage, f.reason] for f in failures])
+    atomic_write_bytes(path, buf.getvalue().encode())

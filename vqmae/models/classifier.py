@@ -1,4 +1,4 @@
-"""Stage-3 model: the MAE encoder, per-modality pooling and a linear head (DESIGN.md §2, fine-tune).
+"""Stage-3 model: the MAE encoder, per-modality pooling and a linear head (docs/design.md §2, fine-tune).
 
     EmotionModel(mae_cfg, dims, n_outputs, pooling)(batch) → [B, n_outputs] logits / values
 
@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from vqmae.config import MAEConfig
-from vqmae.mae import Block, MAEDims, MAEModel
+from vqmae.models.layout import MAEDims
+from vqmae.models.mae import MAEModel
+from vqmae.models.transformer import Block
 
 # Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
 DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
@@ -106,10 +108,6 @@ class EmotionModel(nn.Module):
         self.out = nn.Linear(w * len(self.names), n_outputs)
         nn.init.trunc_normal_(self.out.weight, std=0.02)
         nn.init.zeros_(self.out.bias)
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Everything outside the backbone (randomly initialised in every run)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
 
     def pooled(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality pooled encoder features `[B, M, D]` and which modalities are present

@@ -1,4 +1,4 @@
-"""Stage 2: masked-token transformer over audio and visual codes (VQ-MAE-AV, DESIGN.md §2).
+"""Stage 2: masked-token transformer over audio and visual codes (VQ-MAE-AV, docs/design.md §2).
 
 A batch is a dict of windows of discrete codes read from the token store:
 
@@ -20,12 +20,16 @@ cross-entropy over the valid ids of masked patches only.
 
 A patch is *padding* when all its frames are padding: it is never visible, never masked, never a
 key in attention. The padded ids of a partly padded patch embed to zero and never count in the loss.
+
+This module holds the model (embedding, encoder / decoder wiring, prediction heads, losses); the
+dims and patch layouts are in `vqmae.models.layout`, the masking strategies (where a new one is
+added) in `vqmae.models.masking`, the transformer blocks in `vqmae.models.transformer`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -33,392 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmae.config import MAEConfig
+from vqmae.models.layout import MAEDims, patch_layout, sincos_positions
+from vqmae.models.masking import Masking, masking_from, sample_masking
+from vqmae.models.transformer import Block, CrossEncoder
 
-MODALITIES = ("audio", "visual")
 # InfoNCE temperature of the optional contrastive term (CLIP's initial value is 0.07; pooled
 # summaries of a small model saturate less with a softer 0.1).
 CONTRASTIVE_TEMPERATURE = 0.1
-# Masking groups: the sort key is group + noise (noise in [0, 1)), so one argsort orders patches
-# visible → masked → padding and, within a group, by noise.
-_VISIBLE, _MASKED, _PADDING = 0.0, 1.0, 2.0
 IGNORE = -100  # target of a padded id in a partly padded masked patch
-
-
-# ----------------------------------------------------------------------------------------------
-# dimensions
-
-
-@dataclass(frozen=True)
-class ModalityDims:
-    """What the codes of one modality look like inside a window."""
-
-    codebook_size: int
-    grid: tuple[int, ...]  # ids per frame: audio (64,), visual (24, 24)
-    frames: int  # frames per window: audio 100, visual 50
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        if self.codebook_size < 1 or not self.grid or min(self.grid) < 1 or self.frames < 1:
-            raise ValueError(f"bad modality dims {self}: sizes must be positive")
-
-
-@dataclass(frozen=True)
-class MAEDims:
-    """Everything the model's shapes depend on besides `MAEConfig` (like whisper's ModelDimensions).
-
-    Stored in checkpoints (`to_dict`) so the model is rebuilt exactly (`from_dict`).
-    """
-
-    audio: ModalityDims | None = None
-    visual: ModalityDims | None = None
-
-    def get(self, name: str) -> ModalityDims | None:
-        return getattr(self, name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {m: None if d is None else {"codebook_size": d.codebook_size, "grid": list(d.grid),
-                                           "frames": d.frames}
-                for m in MODALITIES for d in [self.get(m)]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MAEDims":
-        unknown = sorted(set(data) - set(MODALITIES))
-        if unknown:
-            raise ValueError(f"MAE dims: unknown modalities {unknown}; expected {list(MODALITIES)}")
-        return cls(**{m: None if data.get(m) is None else ModalityDims(
-            int(data[m]["codebook_size"]), tuple(data[m]["grid"]), int(data[m]["frames"]))
-            for m in MODALITIES})
-
-    @classmethod
-    def from_specs(cls, specs: Mapping[str, Any], cfg: MAEConfig) -> "MAEDims":
-        """From a token store's specs (`ModalitySpec` or its dict: codebook_size, grid, frame_rate)."""
-        dims = {}
-        for name in MODALITIES:
-            if name not in specs:
-                continue
-            spec = specs[name]
-            get = spec.get if isinstance(spec, Mapping) else lambda k, s=spec: getattr(s, k)
-            rate = float(get("frame_rate"))
-            frames = cfg.window_seconds * rate
-            if abs(frames - round(frames)) > 1e-6:
-                raise ValueError(f"{name}: window of {cfg.window_seconds} s at {rate} frames/s is "
-                                 f"{frames:g} frames, not a whole number")
-            dims[name] = ModalityDims(int(get("codebook_size")), tuple(get("grid")), round(frames))
-        return cls(**dims)
-
-
-@dataclass(frozen=True)
-class PatchLayout:
-    """How one modality's window `[B, T, *grid]` is cut into `n_patches` patches of `patch_ids` ids.
-
-    Patches are ordered time-major (time, then grid rows...); the ids inside a patch are ordered
-    (frame, then grid rows...).
-    """
-
-    name: str
-    grid: tuple[int, ...]
-    frames: int
-    spatial: tuple[int, ...]  # patch size along each grid axis
-    time: int  # frames per patch
-
-    @property
-    def n_spatial(self) -> tuple[int, ...]:
-        return tuple(g // s for g, s in zip(self.grid, self.spatial))
-
-    @property
-    def n_time(self) -> int:
-        return self.frames // self.time
-
-    @property
-    def n_patches(self) -> int:
-        return self.n_time * math.prod(self.n_spatial)
-
-    @property
-    def patch_ids(self) -> int:
-        return self.time * math.prod(self.spatial)
-
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, T, *grid]` → `[B, n_patches, patch_ids]`."""
-        k = len(self.grid)
-        split = [x.shape[0], self.n_time, self.time]
-        for n, s in zip(self.n_spatial, self.spatial):
-            split += [n, s]
-        x = x.reshape(split)  # [B, nT, pt, n1, s1, ..., nk, sk]
-        order = [0, 1, *range(3, 3 + 2 * k, 2), 2, *range(4, 4 + 2 * k, 2)]
-        return x.permute(order).reshape(x.shape[0], self.n_patches, self.patch_ids)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, n_patches, patch_ids, *rest]` → `[B, T, *grid, *rest]` (inverse of `patchify`)."""
-        k = len(self.grid)
-        rest = tuple(x.shape[3:])
-        x = x.reshape(x.shape[0], self.n_time, *self.n_spatial, self.time, *self.spatial, *rest)
-        # [B, nT, n1..nk, pt, s1..sk, *rest] → [B, nT, pt, n1, s1, ..., nk, sk, *rest]
-        order = [0, 1, 2 + k] + [i for j in range(k) for i in (2 + j, 3 + k + j)]
-        order += list(range(3 + 2 * k, x.dim()))
-        return x.permute(order).reshape(x.shape[0], self.frames, *self.grid, *rest)
-
-    def time_index(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """`[n_patches]` the patch's time step in `[0, n_time)`."""
-        per_step = math.prod(self.n_spatial)
-        return torch.arange(self.n_patches, device=device) // per_step
-
-
-def _sincos(n: int, dim: int) -> torch.Tensor:
-    """`[n, dim]` sin / cos of positions 0..n-1 at `dim // 2` geometric frequencies (1 to 1/100)."""
-    freq = torch.exp(-math.log(100.0) * torch.arange(dim // 2, dtype=torch.float64) / max(dim // 2, 1))
-    angle = torch.arange(n, dtype=torch.float64)[:, None] * freq
-    out = torch.cat([angle.sin(), angle.cos()], 1)
-    return torch.cat([out, out.new_zeros(n, dim - out.shape[1])], 1).float()
-
-
-def sincos_positions(lay: PatchLayout, width: int) -> torch.Tensor:
-    """`[1, n_patches, width]` sin-cos codes of each patch's time step and grid position, in
-    `patchify` order. The first third of the channels code time, with the same frequencies in
-    every modality, so equal time steps get equal time codes; the rest are split between the grid
-    axes."""
-    k = len(lay.n_spatial)
-    d_time = width // 3 // 2 * 2
-    rest = width - d_time
-    dims = [rest // k // 2 * 2] * (k - 1)
-    dims.append(rest - sum(dims))
-    axes = [_sincos(lay.n_time, d_time)] + [_sincos(n, d) for n, d in zip(lay.n_spatial, dims)]
-    sizes = (lay.n_time, *lay.n_spatial)
-    parts = []
-    for i, table in enumerate(axes):  # broadcast axis i's code over the others
-        shape = [1] * len(sizes) + [table.shape[1]]
-        shape[i] = sizes[i]
-        parts.append(table.view(shape).expand(*sizes, table.shape[1]))
-    return torch.cat(parts, -1).reshape(1, lay.n_patches, width)
-
-
-def patch_layout(name: str, dims: ModalityDims, cfg: MAEConfig) -> PatchLayout:
-    """Check that the configured patch divides the modality's grid and window, with a clear error."""
-    patch = tuple(cfg.visual_tube if name == "visual" else cfg.audio_patch)
-    key = "mae.visual_tube" if name == "visual" else "mae.audio_patch"
-    if len(patch) != len(dims.grid) + 1 or min(patch) < 1:
-        raise ValueError(f"{key}={patch}: expected {len(dims.grid) + 1} positive sizes "
-                         f"(one per grid axis of {dims.grid}, then frames)")
-    spatial, time = patch[:-1], patch[-1]
-    for axis, (g, s) in enumerate(zip(dims.grid, spatial)):
-        if g % s:
-            raise ValueError(f"{key}={patch}: {name} grid axis {axis} has {g} tokens, "
-                             f"not divisible by patch size {s}")
-    if dims.frames % time:
-        raise ValueError(f"{key}={patch}: {name} window of {dims.frames} frames is not divisible "
-                         f"by {time} frames per patch")
-    return PatchLayout(name, dims.grid, dims.frames, spatial, time)
-
-
-# ----------------------------------------------------------------------------------------------
-# masking
-
-
-@dataclass
-class Masking:
-    """Per-modality masking of one batch (all tensors on the model's device)."""
-
-    mask: dict[str, torch.Tensor]  # [B, N] bool, True = masked (a valid patch the decoder predicts)
-    padding: dict[str, torch.Tensor]  # [B, N] bool, True = padding patch (all frames padded)
-    ids_shuffle: dict[str, torch.Tensor]  # [B, N] visible first, then masked, then padding
-    ids_restore: dict[str, torch.Tensor]  # [B, N] argsort(ids_shuffle)
-    n_visible: dict[str, torch.Tensor]  # [B] int64
-    key: dict[str, torch.Tensor] = field(repr=False)  # [B, N] sort key: group + noise
-
-    def visible(self, name: str) -> torch.Tensor:
-        return ~(self.mask[name] | self.padding[name])  # [B, N]
-
-
-def _build_masking(mask: dict[str, torch.Tensor], padding: dict[str, torch.Tensor],
-                   noise: dict[str, torch.Tensor]) -> Masking:
-    key, shuffle, restore, n_vis = {}, {}, {}, {}
-    for m in mask:
-        group = torch.where(padding[m], _PADDING, torch.where(mask[m], _MASKED, _VISIBLE))
-        key[m] = group + noise[m]
-        shuffle[m] = torch.argsort(key[m], dim=1, stable=True)
-        restore[m] = torch.argsort(shuffle[m], dim=1)
-        n_vis[m] = (~(mask[m] | padding[m])).sum(1)
-    return Masking(mask, padding, shuffle, restore, n_vis, key)
-
-
-def masking_from(mask: Mapping[str, torch.Tensor], padding: Mapping[str, torch.Tensor]) -> Masking:
-    """A `Masking` from given masks (`[B, N]` bool per modality); padding patches are never masked."""
-    masks = {m: (mask[m].bool() if m in mask else torch.zeros_like(p)) & ~p
-             for m, p in padding.items()}
-    noise = {m: torch.zeros(p.shape, device=p.device) for m, p in padding.items()}
-    return _build_masking(masks, padding, noise)
-
-
-def _mask_counts(strategy: str, n_valid: dict[str, torch.Tensor], ratios: Mapping[str, float],
-                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """Patches to mask per sample `[B]` for the count-based strategies."""
-    names = list(n_valid)
-    first = n_valid[names[0]]
-    if strategy == "coupled":
-        # Dirichlet(1, 1) = (u, 1 − u) with u ~ U(0, 1); a lone modality keeps that marginal.
-        r_v = torch.rand(first.shape, generator=generator, device=first.device)
-        r = {"visual": r_v, "audio": 1.0 - r_v} if len(names) == 2 else {names[0]: r_v}
-    elif strategy == "fixed":
-        r = {m: torch.full(first.shape, float(ratios[m]), device=first.device) for m in names}
-    elif strategy in ("audio2visual", "visual2audio"):
-        hidden = "visual" if strategy == "audio2visual" else "audio"
-        r = {m: torch.full(first.shape, float(m == hidden), device=first.device) for m in names}
-    else:
-        raise ValueError(f"unknown masking strategy {strategy!r}")
-    return {m: torch.round(r[m] * n_valid[m]).long() for m in names}
-
-
-def _keep_one_visible(n_mask: dict[str, torch.Tensor], n_valid: dict[str, torch.Tensor]) -> None:
-    """Where a sample would have no visible patch at all, unmask one of its largest modality's."""
-    names = list(n_mask)
-    visible = sum(n_valid[m] - n_mask[m] for m in names)
-    largest = torch.stack([n_valid[m] for m in names]).argmax(0)  # [B]
-    for i, m in enumerate(names):
-        fix = (visible == 0) & (largest == i) & (n_valid[m] > 0)
-        n_mask[m] = n_mask[m] - fix.long()
-
-
-def sample_masking(strategy: str, padding: Mapping[str, torch.Tensor],
-                   layouts: Mapping[str, PatchLayout], ratios: Mapping[str, float],
-                   generator: torch.Generator | None) -> Masking:
-    """Draw per-clip masks for every modality at once, on `padding`'s device.
-
-    padding: `[B, N]` bool per modality. ratios: fixed mask ratio per modality ("fixed", "time").
-    Every sample keeps at least one visible patch overall; masked counts are exact:
-    `round(r × n_valid_patches)` per modality (coupled, fixed); "time" masks
-    `round(r × n_valid_steps)` whole time steps per modality, drawn from one permutation of time
-    steps shared by both modalities, so the modality with the smaller ratio masks a subset of the
-    other's steps (identical steps when the ratios are equal).
-    """
-    names = list(padding)
-    valid = {m: ~padding[m] for m in names}
-    n_valid = {m: valid[m].sum(1) for m in names}
-    device = padding[names[0]].device
-    if strategy == "time":
-        n_time = {layouts[m].n_time for m in names}
-        if len(n_time) != 1:
-            raise ValueError(f"time masking needs equal time steps per modality, got "
-                             f"{ {m: layouts[m].n_time for m in names} }")
-        b = padding[names[0]].shape[0]
-        step_noise = torch.rand(b, n_time.pop(), generator=generator, device=device)
-        noise = {m: step_noise[:, layouts[m].time_index(device)] for m in names}
-        n_mask = {}
-        for m in names:
-            per_step = layouts[m].n_patches // layouts[m].n_time
-            steps = torch.round(ratios[m] * n_valid[m].div(per_step, rounding_mode="floor"))
-            n_mask[m] = steps.long() * per_step
-    else:
-        noise = {m: torch.rand(padding[m].shape, generator=generator, device=device) for m in names}
-        n_mask = _mask_counts(strategy, n_valid, ratios, generator)
-    _keep_one_visible(n_mask, n_valid)
-    mask = {}
-    for m in names:
-        # Lowest-noise valid patches are masked; padding sorts last and is never masked.
-        order = torch.argsort(torch.where(valid[m], noise[m], _PADDING), dim=1, stable=True)
-        rank = torch.argsort(order, dim=1)
-        mask[m] = valid[m] & (rank < n_mask[m][:, None])
-    return _build_masking(mask, dict(padding), noise)
-
-
-# ----------------------------------------------------------------------------------------------
-# transformer parts
-
-
-class Attention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`; self- or cross-attention."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"mae.width={width} is not divisible by mae.heads={heads}")
-        self.heads, self.dropout = heads, dropout
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x `[B, L, D]`, context `[B, S, D]` (default x), key_valid `[B, S]` bool → `[B, L, D]`."""
-        context = x if context is None else context
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, L, D/H]
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        mask = None if key_valid is None else key_valid[:, None, None, :]  # [B, 1, 1, S]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN x), then x + MLP(LN x)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        hidden = int(round(width * mlp_ratio))
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, width), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x `[B, L, D]`, key_valid `[B, L]` bool (False = never attended to)."""
-        if x.shape[1] == 0:  # a modality with no visible patch in the whole batch (cross fusion)
-            return x
-        x = x + self.attn(self.norm1(x), key_valid=key_valid)
-        return x + self.mlp(self.norm2(x))
-
-
-class CrossBlock(nn.Module):
-    """Pre-LN cross-attention: x + attn(LN x, LN context); samples with no context keys pass."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_kv = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """x `[B, L, D]`, context `[B, S, D]`, key_valid `[B, S]` → `[B, L, D]`."""
-        if x.shape[1] == 0 or context.shape[1] == 0:
-            return x
-        has_keys = key_valid.any(1)  # [B]
-        # A sample without context keys (its other modality fully masked) attends to a dummy key
-        # (no NaN from an empty softmax) and its update is then dropped.
-        safe = key_valid.clone()
-        safe[:, 0] |= ~has_keys
-        update = self.attn(self.norm_q(x), self.norm_kv(context), safe)
-        return x + update * has_keys[:, None, None].to(update.dtype)
-
-
-class CrossEncoder(nn.Module):
-    """`fusion="cross"`: per layer, each modality runs its own self-attention `Block`, then both
-    exchange information through a `CrossBlock` (audio queries attend to visible visual patches
-    and visual queries to visible audio patches, both from the self-attention outputs, updated
-    simultaneously). Each modality keeps its own sequence of visible patches; with one modality
-    the cross blocks are skipped. The decoder is the same joint one for both fusions.
-    """
-
-    def __init__(self, names: tuple[str, ...], cfg: MAEConfig):
-        super().__init__()
-        w = cfg.width
-        self.self_blocks = nn.ModuleDict({m: nn.ModuleList(
-            [Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.encoder_depth)])
-            for m in names})
-        self.cross_blocks = nn.ModuleDict({m: nn.ModuleList(
-            [CrossBlock(w, cfg.heads, cfg.dropout) for _ in range(cfg.encoder_depth)])
-            for m in names}) if len(names) == 2 else nn.ModuleDict()
-
-    def forward(self, seq: dict[str, torch.Tensor],
-                valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """seq `[B, K_m, D]` and key validity `[B, K_m]` per modality → `[B, K_m, D]`."""
-        names = list(seq)
-        for layer in range(len(self.self_blocks[names[0]])):
-            seq = {m: self.self_blocks[m][layer](seq[m], valid[m]) for m in names}
-            if len(names) == 2:
-                a, b = names
-                seq = {a: self.cross_blocks[a][layer](seq[a], seq[b], valid[b]),
-                       b: self.cross_blocks[b][layer](seq[b], seq[a], valid[a])}
-        return seq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -766,7 +392,7 @@ class MAEModel(nn.Module):
         samples with both modalities visible (0 when fewer than two such samples).
 
         `gather`: this rank's rows `[b, ...]` → the global batch's `[B, ...]` with only this
-        rank's slice carrying gradient (`vqmae.pretrain.gather_rows`). The term is then the global
+        rank's slice carrying gradient (`vqmae.stages.pretrain.gather_rows`). The term is then the global
         batch's, the same value on every rank, and its gradient is scaled by B / b = world size
         so that DDP's averaging of the ranks' (partial) gradients gives one process's gradient.
         """
@@ -795,7 +421,7 @@ class MAEModel(nn.Module):
 class _Head(nn.Module):
     """Decoder feature `[..., width]` → logits `[..., n_ids, codebook_size]`.
 
-    `head_dim` 0: one linear layer to n_ids × codebook_size (DESIGN.md §2; 16.4 M parameters at
+    `head_dim` 0: one linear layer to n_ids × codebook_size (docs/design.md §2; 16.4 M parameters at
     the paper sizes, more than the transformer). `head_dim` d > 0: width → n_ids × d, GELU, then one
     d → codebook_size layer shared by every id of the patch (12× fewer head FLOPs at d = 16).
     """
@@ -848,43 +474,3 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-# ----------------------------------------------------------------------------------------------
-# cost
-
-
-def flops_per_window(cfg: MAEConfig, dims: MAEDims, mask_ratio: float = 0.5) -> float:
-    """Forward + backward FLOPs for one training window (≈ 3 × forward, 2 FLOPs per MAC).
-
-    Counts the patch projection (every patch), the encoder on `(1 − mask_ratio)` of the patches,
-    the decoder on every patch, attention scores and mixing (4 · L² · width per layer), and the
-    heads on masked patches only. `mask_ratio` 0.5 is the mean under "coupled" masking.
-    """
-    names = ("audio", "visual") if cfg.modalities == "av" else (cfg.modalities,)
-    layouts = {m: patch_layout(m, dims.get(m), cfg) for m in names}
-    w = cfg.width
-    hidden = int(round(w * cfg.mlp_ratio))
-    block_macs = 4 * w * w + 2 * w * hidden  # q, kv, out; MLP
-    n_total = sum(lay.n_patches for lay in layouts.values())
-    n_enc = (1.0 - mask_ratio) * n_total
-    fwd = 0.0
-    for m, lay in layouts.items():
-        e = cfg.visual_embed_dim if m == "visual" else cfg.audio_embed_dim
-        flat = lay.patch_ids * e
-        if flat != w:
-            fwd += 2 * lay.n_patches * flat * w
-        d = cfg.head_dim
-        head_macs = lay.patch_ids * (d * (w + dims.get(m).codebook_size) if d
-                                     else w * dims.get(m).codebook_size)
-        fwd += 2 * mask_ratio * lay.n_patches * head_macs
-    for depth, length in ((cfg.encoder_depth, n_enc), (cfg.decoder_depth, n_total)):
-        fwd += depth * (2 * length * block_macs + 4 * length * length * w)
-    if cfg.fusion == "cross" and len(names) == 2:
-        per = {m: (1.0 - mask_ratio) * lay.n_patches for m, lay in layouts.items()}
-        a, v = per["audio"], per["visual"]
-        # the per-modality self-attention sees shorter sequences than the joint one...
-        fwd -= cfg.encoder_depth * 4 * w * (n_enc * n_enc - a * a - v * v)
-        # ...and each layer adds two cross-attentions
-        fwd += cfg.encoder_depth * (2 * (a + v) * 4 * w * w + 2 * 4 * a * v * w)
-    return 3.0 * fwd

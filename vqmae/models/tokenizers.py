@@ -1,4 +1,4 @@
-"""Audio and visual VQ-VAE tokenizers (DESIGN.md §2).
+"""Audio and visual VQ-VAE tokenizers (docs/design.md §2).
 
 Both follow one small contract, like audiocraft's compression models:
 
@@ -17,12 +17,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqmae.config import AudioVQConfig, Config, VisualVQConfig
-from vqmae.quantize import QuantizedResult, VectorQuantizer
+from vqmae.models.quantize import QuantizedResult, VectorQuantizer
+from vqmae.utils import autocast_context
 
 # Added to power before the log: keeps log finite on digital silence (≈ −18.4 in log-power).
 LOG_FLOOR = 1e-8
@@ -60,6 +62,7 @@ class _VQVAE(nn.Module):
     quantizer: VectorQuantizer
     commitment: float
     _frame_rate: float
+    grid: tuple[int, ...]  # codes per frame: a property of each tokenizer
 
     @property
     def codebook_size(self) -> int:
@@ -72,10 +75,6 @@ class _VQVAE(nn.Module):
     @property
     def frame_rate(self) -> float:
         return self._frame_rate
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        raise NotImplementedError
 
     @property
     def n_tokens(self) -> int:
@@ -268,3 +267,45 @@ def build_tokenizer(kind: TokenizerKind, cfg: Config) -> AudioVQVAE | VisualVQVA
     if kind == "visual_vqvae":
         return VisualVQVAE(cfg.visual_vq, size=cfg.face.size, frame_rate=cfg.video.fps)
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'audio_vqvae' or 'visual_vqvae'")
+
+
+def faces_to_tensor(faces: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """uint8 [N, S, S, 3] → float [N, 3, S, S] in [-0.5, 0.5] (docs/design.md §2 pixel range)."""
+    x = torch.from_numpy(np.ascontiguousarray(faces)).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
+
+
+def tensor_to_faces(x: torch.Tensor) -> np.ndarray:
+    """float [N, 3, S, S] in [-0.5, 0.5] → uint8 [N, S, S, 3]."""
+    return ((x.float() + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_frames(model, modality: str, frames: np.ndarray, device: str,
+                  batch: int = 1024) -> np.ndarray:
+    """Codes for every frame, batched on `device`: audio [T, 513] → [T, 64], faces [T, S, S, 3] →
+    [T, H*W]; uint16."""
+    model.eval()
+    out = []
+    ctx = autocast_context(device)
+    for lo in range(0, len(frames), batch):
+        chunk = frames[lo:lo + batch]
+        x = torch.from_numpy(chunk).to(device) if modality == "audio" else faces_to_tensor(chunk, device)
+        with ctx:
+            codes = model.encode(x)
+        out.append(codes.reshape(len(chunk), -1).to(torch.int32).cpu().numpy().astype(np.uint16))
+    n_tokens = int(np.prod(model.grid))
+    return np.concatenate(out) if out else np.zeros((0, n_tokens), np.uint16)
+
+
+@torch.no_grad()
+def decode_codes(model, modality: str, codes: np.ndarray, device: str, batch: int = 1024) -> np.ndarray:
+    """Inverse of `encode_frames`: audio → power [T, 513] float32, visual → uint8 faces."""
+    model.eval()
+    out = []
+    for lo in range(0, len(codes), batch):
+        c = torch.from_numpy(codes[lo:lo + batch].astype(np.int64)).to(device)
+        c = c.reshape(len(c), *model.grid)
+        x = model.decode(c)
+        out.append(x.float().cpu().numpy() if modality == "audio" else tensor_to_faces(x))
+    return np.concatenate(out)

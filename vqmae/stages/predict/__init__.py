@@ -1,4 +1,4 @@
-"""Emotion scores for new media from one stage-3 classifier checkpoint (DESIGN.md §4, `vqmae predict`).
+"""Emotion scores for new media from one stage-3 classifier checkpoint (docs/design.md §4, `vqmae predict`).
 
     Predictor.load(classifier.pt) → predictor.predict(media | arrays | codes) → Prediction
                                   → predictor.predict_many([files, folders]) → PredictResult
@@ -7,9 +7,9 @@ Everything is rebuilt from what the checkpoint recorded, never from today's flag
 its stored MAE config, dims and fine-tuning settings; the tokenizers from the paths stage 1 wrote
 into the store (or a directory given with ``tokenizers=``), each checked against the sha256 the
 classifier names as its parent; the audio / video features from the tokenizers' own configs
-(`vqmae.tokenize.feature_config`), so new media are encoded exactly as the training store was.
+(`vqmae.encoding.feature_config`), so new media are encoded exactly as the training store was.
 
-Scoring is the test-time rule of `vqmae.finetune.predict_clips`: a clip is cut into non-overlapping
+Scoring is the test-time rule of `vqmae.stages.finetune.predict_clips`: a clip is cut into non-overlapping
 windows of the model's length from frame 0 (the last one padded, its padding invalid), the model's
 outputs (logits, or values for regression) are averaged over the windows, and only then turned into
 scores (softmax for classify, a sigmoid per label for multilabel, the values for regress).
@@ -32,98 +32,43 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from vqmae.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, load_tokenizer
-from vqmae.classifier import EmotionModel, drop_modality, head_outputs
-from vqmae.config import Config, ConfigError, MAEConfig, _from_dict, set_key
-from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
+from vqmae.checkpoint import CheckpointError, LoadedTokenizer, load_classifier
+from vqmae.config import Config, ConfigError, set_key
+from vqmae.datasets import ClipInfo
+from vqmae.encoding import feature_config
 from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
-from vqmae.mae import MAEDims
-from vqmae.pretrain import batch_dict
+from vqmae.models.classifier import EmotionModel, drop_modality, head_outputs
+from vqmae.models.tokenizers import encode_frames
 from vqmae.store import ModalitySpec
-from vqmae.tokenize import CKPT_NAMES, LoadedTokenizer, encode_frames, feature_config, load_tokenizers
-from vqmae.training import Reporter, autocast_context
-from vqmae.windows import gather, make_batch, tile_windows, window_geometry
+from vqmae.tasks import Task
+from vqmae.training import Reporter
+from vqmae.utils import autocast_context
+from vqmae.stages.predict.results import (ARRAYS, InputError, Prediction, PredictError, PredictResult, _clip_info,
+                                          _failure, expand_paths, to_csv, to_json)
+from vqmae.windows import batch_dict, gather, make_batch, tile_windows, window_geometry
+
+__all__ = ["MODES", "InputError", "Prediction", "PredictError", "PredictResult", "Predictor", "to_csv",
+           "to_json"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "av", "audio", "visual")
-TASK_KINDS = ("classify", "multilabel", "regress")
-ARRAYS = "<arrays>"  # the `path` of a prediction made from arrays rather than a file
+TOKENIZERS_HINT = "pass the directory holding the tokenizers that made the training store with --tokenizers DIR"
 # A face found in fewer frames than this (tracked boxes fill the rest) is worth a warning.
 LOW_FACE_RATE = 0.5
 # Audio and video lengths differing by more than this (s) are worth a warning (AAC padding is ~0.1 s).
 AV_OFFSET_WARN = 0.2
 
 
-class PredictError(RuntimeError):
-    """A classifier (or its tokenizers) that cannot be used; the message names the file and why."""
-
-
-class InputError(ValueError):
-    """One input that cannot be scored: '<path>: <reason>'."""
-
-    def __init__(self, path: str, reason: str, stage: str = "input"):
-        self.path, self.reason, self.stage = path, reason, stage
-        super().__init__(f"{path}: {reason}")
-
-
 # ----------------------------------------------------------------------------------------------
 # results
-
-
-@dataclass
-class Prediction:
-    """Scores of one input.
-
-    scores float32 [C] (classify: probabilities summing to 1; multilabel: one probability per
-    label; regress: the predicted values), in ``names`` order; ``top`` the highest-scoring name
-    (None for regress); timeline: ``starts`` float64 [W] window starts in seconds and
-    ``window_scores`` float32 [W, C] each window's own scores; ``modality`` what was scored
-    (av, audio or visual); ``warnings`` anything the user should know about this result.
-    """
-
-    path: str
-    task: str
-    names: tuple[str, ...]
-    scores: np.ndarray
-    top: str | None
-    modality: str
-    duration: float  # seconds covered by the windows' valid frames (rounded up to a grid step)
-    starts: np.ndarray
-    window_scores: np.ndarray
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def top_score(self) -> float | None:
-        return None if self.top is None else float(self.scores[self.names.index(self.top)])
-
-    def to_dict(self, timeline: bool = True) -> dict[str, Any]:
-        out = {"path": self.path, "status": "ok", "task": self.task, "modality": self.modality,
-               "top": self.top, "top_score": self.top_score, "duration": round(self.duration, 4),
-               "scores": _named(self.names, self.scores), "warnings": list(self.warnings)}
-        if timeline:
-            out["timeline"] = [{"start": round(float(s), 4), "scores": _named(self.names, w)}
-                               for s, w in zip(self.starts, self.window_scores)]
-        return out
-
-
-def _named(names: Sequence[str], values: np.ndarray) -> dict[str, float]:
-    return {n: float(v) for n, v in zip(names, values)}
-
-
-@dataclass
-class PredictResult:
-    """`predict_many`'s answer: predictions and failures, each in input order."""
-
-    predictions: list[Prediction]
-    failures: list[Failure]
 
 
 @dataclass
@@ -143,11 +88,10 @@ class _Clip:
 class Predictor:
     """A classifier rebuilt from its checkpoint, with the tokenizers that made its training store."""
 
-    def __init__(self, model: EmotionModel, task: Mapping[str, Any], tokenizers: dict[str, LoadedTokenizer],
+    def __init__(self, model: EmotionModel, task: Task, tokenizers: dict[str, LoadedTokenizer],
                  cfg: Config, window_seconds: float, device: str, path: Path, batch_windows: int = 64):
         self.model = model.to(device).eval()
-        self.task_kind = str(task["kind"])
-        self.names_out = tuple(task["names"])
+        self.task = task
         self.tokenizers = tokenizers
         self.cfg = cfg  # decoding settings: the tokenizers' features, the classifier run's face settings
         self.device = device
@@ -166,40 +110,31 @@ class Predictor:
     def load(cls, path: str | os.PathLike, *, device: str = "cpu",
              tokenizers: str | os.PathLike | None = None, face_mode: str | None = None,
              batch_windows: int = 64) -> "Predictor":
-        """Rebuild the classifier at `path` and its tokenizers (from the recorded paths, or from the
-        directory `tokenizers` holding audio_vqvae.pt / visual_vqvae.pt), checking each tokenizer's
-        sha256 against the classifier's parents. `face_mode` (auto, fan, haar, none) overrides the
-        face detector the classifier's run used. Raises PredictError naming the file and the reason.
-        """
-        path = Path(path)
+        """Rebuild the classifier at `path` and its tokenizers (`vqmae.checkpoint.load_classifier`):
+        from the recorded paths, or from the directory `tokenizers` holding audio_vqvae.pt /
+        visual_vqvae.pt, each sha256-checked against the classifier's parents. `face_mode` (auto,
+        fan, haar, none) overrides the face detector the classifier's run used. Raises
+        PredictError naming the file and the reason."""
         try:
-            ckpt = load_checkpoint(path, kind="classifier")
-        except CheckpointError as e:
+            loaded = load_classifier(path, device=device, tokenizers=tokenizers, hint=TOKENIZERS_HINT)
+            cfg = feature_config(loaded.cfg, loaded.tokenizers)
+            if face_mode is not None:
+                cfg = set_key(cfg, "face.mode", face_mode)
+        except (CheckpointError, ConfigError) as e:
             raise PredictError(str(e)) from None
-        try:
-            cfg, mae_cfg, dims, task = _stored_settings(ckpt)
-        except (KeyError, TypeError, ValueError, ConfigError) as e:
-            raise PredictError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
-                               f"unreadable); was it written by `vqmae finetune`?") from None
-        model = EmotionModel(mae_cfg, dims, len(task["names"]), cfg.finetune.pooling, cfg.finetune.dropout,
-                             speaker_norm="center" in ckpt["state_dict"])
-        try:
-            model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as e:
-            raise PredictError(f"{path}: weights do not fit the model built from its stored config: "
-                               f"{e}") from None
-        toks = _load_checked_tokenizers(path, ckpt, tuple(model.names), tokenizers, device)
-        _check_dims(path, dims, toks, mae_cfg.window_seconds)
-        cfg = feature_config(cfg, toks)
-        if face_mode is not None:
-            cfg = _with_face_mode(cfg, face_mode)
-        log.info("%s: %s over %s, %s", path, task["kind"], list(task["names"]), list(model.names))
-        return cls(model, task, toks, cfg, mae_cfg.window_seconds, device, path, batch_windows)
+        task, model = loaded.task, loaded.model
+        log.info("%s: %s over %s, %s", path, task.kind, list(task.names), list(model.names))
+        return cls(model, task, loaded.tokenizers, cfg, loaded.mae_cfg.window_seconds, device, Path(path),
+                   batch_windows)
+
+    @property
+    def task_kind(self) -> str:
+        return self.task.kind
 
     @property
     def names(self) -> tuple[str, ...]:
         """Output names: classes, labels or regression targets."""
-        return self.names_out
+        return self.task.names
 
     # -- one input ---------------------------------------------------------------------------
 
@@ -392,7 +327,7 @@ class Predictor:
     @torch.no_grad()
     def _score(self, clips: Sequence[_Clip], same_speaker: bool = False) -> list[Prediction]:
         """Every window of every clip through the model, outputs averaged per clip (exactly
-        `vqmae.finetune.predict_clips`), then turned into scores. `same_speaker`: the clips are
+        `vqmae.stages.finetune.predict_clips`), then turned into scores. `same_speaker`: the clips are
         one speaker's, whose mean features a speaker-normalised model subtracts."""
         geom = self.geom
         steps = np.array([self._steps(c) for c in clips], np.int64)
@@ -434,25 +369,14 @@ class Predictor:
 
     def _prediction(self, clip: _Clip, logits: np.ndarray, starts: np.ndarray, win: np.ndarray,
                     steps: int) -> Prediction:
-        scores = activate(self.task_kind, logits)
-        top = None if self.task_kind == "regress" else self.names_out[int(np.argmax(scores))]
-        return Prediction(clip.path, self.task_kind, self.names_out, scores, top, clip.mode,
+        scores = self.task.activate(logits)
+        return Prediction(clip.path, self.task.kind, self.task.names, scores, self.task.top(scores), clip.mode,
                           steps / self.geom.step_rate, starts / self.geom.step_rate,
-                          activate(self.task_kind, win), list(clip.warnings))
+                          self.task.activate(win), list(clip.warnings))
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def activate(kind: str, outputs: np.ndarray) -> np.ndarray:
-    """Model outputs [..., C] → scores: softmax (classify), sigmoid (multilabel), identity (regress)."""
-    x = torch.from_numpy(np.asarray(outputs, np.float32))
-    if kind == "classify":
-        return torch.softmax(x, -1).numpy()
-    if kind == "multilabel":
-        return torch.sigmoid(x).numpy()
-    return x.numpy()
 
 
 def spectrogram_frames(wave: np.ndarray, cfg: Config, n_video: int | None = None) -> np.ndarray:
@@ -474,100 +398,3 @@ def _check_faces(faces: np.ndarray, size: int) -> np.ndarray:
         raise InputError(ARRAYS, f"faces: expected uint8 [T, {size}, {size}, 3] RGB crops, got "
                                  f"{faces.dtype} {list(faces.shape)}")
     return faces
-
-
-def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[Failure]]:
-    """Files to score, in the given order (a folder → its media files, recursively, sorted), and a
-    Failure for each path that does not exist or is not a media file."""
-    files, failures = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_EXTS)
-            if not found:
-                failures.append(Failure(str(p), "scan", f"no media files ({' '.join(MEDIA_EXTS)}) in this folder"))
-            files += found
-        elif not p.exists():
-            failures.append(Failure(str(p), "scan", "no such file"))
-        elif p.suffix.lower() not in MEDIA_EXTS:
-            failures.append(Failure(str(p), "scan", f"not a media file (expected one of {' '.join(MEDIA_EXTS)})"))
-        else:
-            files.append(str(p))
-    return files, failures
-
-
-def _clip_info(path: Path | str, index: int) -> ClipInfo:
-    path = str(path)
-    return ClipInfo(clip_id=str(index), path=path, dataset="predict", speaker="",
-                    has_video=Path(path).suffix.lower() in VIDEO_EXTS)
-
-
-def _failure(path: str, e: Exception) -> Failure:
-    if isinstance(e, InputError):
-        return Failure(e.path, e.stage, e.reason)
-    return Failure(path, "encode", str(e) or type(e).__name__)
-
-
-def _stored_settings(ckpt: Mapping[str, Any]) -> tuple[Config, MAEConfig, MAEDims, dict[str, Any]]:
-    """The classifier run's config, the MAE config and dims the model was built with, its task."""
-    extra = ckpt["extra"]
-    cfg = Config.from_dict(ckpt["config"])
-    mae_cfg = _from_dict(MAEConfig, dict(extra["mae_config"]), "mae_config.")
-    dims = MAEDims.from_dict(extra["dims"])
-    task = dict(extra["task"])
-    if task["kind"] not in TASK_KINDS or not task["names"]:
-        raise ValueError(f"'task' = {task}")
-    return cfg, mae_cfg, dims, task
-
-
-def _with_face_mode(cfg: Config, mode: str) -> Config:
-    try:
-        return set_key(cfg, "face.mode", mode)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
-
-
-def _load_checked_tokenizers(path: Path, ckpt: Mapping[str, Any], modalities: Sequence[str],
-                             directory: str | os.PathLike | None, device: str) -> dict[str, LoadedTokenizer]:
-    """The tokenizers of `modalities`, each sha-checked against the classifier's parents."""
-    recorded = ckpt["extra"].get("tokenizers") or {}
-    parents = ckpt.get("parents") or {}
-    hint = "pass the directory holding the tokenizers that made the training store with --tokenizers DIR"
-    out = {}
-    for m in modalities:
-        want = parents.get(f"{m}_tokenizer") or (recorded.get(m) or {}).get("sha256")
-        if directory is not None:
-            tok_path = Path(directory) / CKPT_NAMES[m]
-            if not tok_path.is_file():
-                raise PredictError(f"{directory}: no {CKPT_NAMES[m]} (the {m} tokenizer of {path})")
-        elif (recorded.get(m) or {}).get("path"):
-            tok_path = Path(recorded[m]["path"])
-            if not tok_path.is_file():
-                raise PredictError(f"{path}: its {m} tokenizer {tok_path} (recorded at training) does "
-                                   f"not exist; {hint}")
-        else:
-            raise PredictError(f"{path}: records no {m} tokenizer path; {hint}")
-        got = checkpoint_sha256(tok_path)
-        if want and got != want:
-            raise PredictError(f"{tok_path}: {m} tokenizer sha256 {got} is not the one {path} was "
-                               f"trained on ({want}); {hint}")
-        try:
-            if directory is not None:
-                out[m] = load_tokenizers(Path(directory), (m,), device)[m]
-            else:
-                model, tok_ckpt = load_tokenizer(tok_path, device)
-                out[m] = LoadedTokenizer(model, tok_ckpt, got, tok_path.resolve())
-        except (CheckpointError, RuntimeError) as e:
-            raise PredictError(str(e)) from None
-    return out
-
-
-def _check_dims(path: Path, dims: MAEDims, toks: Mapping[str, LoadedTokenizer], window_seconds: float) -> None:
-    """The model's codebook sizes, grids and window frames agree with its tokenizers'."""
-    for m, t in toks.items():
-        d = dims.get(m)
-        frames = window_seconds * float(t.model.frame_rate)
-        if d is None or d.codebook_size != t.model.codebook_size or tuple(d.grid) != tuple(t.model.grid) \
-                or abs(d.frames - frames) > 1e-6:
-            raise PredictError(f"{path}: its {m} input {d} does not match the tokenizer {t.path} "
-                               f"(codebook {t.model.codebook_size}, grid {tuple(t.model.grid)}, "
-                               f"{frames:g} frames per {window_seconds:g} s window)")

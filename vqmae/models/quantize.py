@@ -1,4 +1,4 @@
-"""Vector quantizer with an EMA codebook and dead-code restarts (DESIGN.md §2 "codebooks").
+"""Vector quantizer with an EMA codebook and dead-code restarts (docs/design.md §2 "codebooks").
 
 The codebook is a buffer, not a parameter: it moves only through exponential moving averages of the
 encoder outputs assigned to each code (van den Oord et al. 2017, appendix), so the optimizer never

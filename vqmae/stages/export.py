@@ -48,9 +48,9 @@ from torch import nn
 
 from vqmae import __version__
 from vqmae.checkpoint import checkpoint_sha256
-from vqmae.classifier import EmotionModel
-from vqmae.predict import PredictError, Predictor
-from vqmae.tokenize import faces_to_tensor
+from vqmae.models.classifier import EmotionModel
+from vqmae.stages.predict import PredictError, Predictor
+from vqmae.models.tokenizers import faces_to_tensor
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ CHECK_BATCH = 5
 # torch 2.14 marks torch.jit.save / load deprecated in favour of torch.export, which cannot take
 # this model yet (module docstring); the choice is deliberate, so the warning is not repeated here.
 JIT_DEPRECATION = r".*torch\.jit\..* is deprecated"
-ACTIVATIONS = {"classify": "softmax", "multilabel": "sigmoid", "regress": "identity"}
 
 
 class ExportError(RuntimeError):
@@ -137,7 +136,7 @@ class AudioEncoderModule(nn.Module):
 
 class VisualEncoderModule(nn.Module):
     """RGB face crops uint8 ``[N, S, S, 3]`` → visual codes int64 ``[N, S/4, S/4]``; the scaling to
-    [-0.5, 0.5] channels-first that `vqmae.tokenize.faces_to_tensor` does is part of the graph."""
+    [-0.5, 0.5] channels-first that `vqmae.models.tokenizers.faces_to_tensor` does is part of the graph."""
 
     def __init__(self, tokenizer: nn.Module):
         super().__init__()
@@ -338,7 +337,7 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
     model = pred.model
     files = {CLASSIFIER_FILE: {"role": "classifier", "inputs": _classifier_io(model),
                                "outputs": [_io("outputs", "float32", ["B", len(pred.names)],
-                                               f"{ACTIVATIONS[pred.task_kind]} of these gives the "
+                                               f"{pred.task.activation} of these gives the "
                                                f"scores, after averaging a clip's windows")]}}
     for m in pred.modalities:
         tok = pred.tokenizers[m].model
@@ -355,7 +354,7 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
                            "codebook_size": t.model.codebook_size, "grid": list(t.model.grid)}
                        for m, t in pred.tokenizers.items()},
         "task": {"kind": pred.task_kind, "names": list(pred.names),
-                 "activation": ACTIVATIONS[pred.task_kind]},
+                 "activation": pred.task.activation},
         "modalities": list(model.names),
         # a speaker-normalised classifier.ts subtracts the stored mean of the training speakers
         # (vqmae predict without --same-speaker); a speaker's own mean needs the eager model

@@ -1,0 +1,1 @@
+"""The tokenizers, the masked-token transformer and the emotion classifier: pure nn.Modules."""

@@ -1,0 +1,137 @@
+"""Stage 2's masking: which patches of a batch the encoder sees and the decoder predicts.
+
+Masking follows facebookresearch/mae's ``random_masking``: a sort key (group + noise, groups
+visible → masked → padding) is argsorted into ``ids_shuffle`` and ``ids_restore =
+argsort(ids_shuffle)``; `vqmae.models.mae.MAEModel` gathers the visible patches with them. A
+`Masking` comes either from a strategy (`sample_masking`, drawn from a generator) or from given
+masks (`masking_from`). Padding patches (all frames padded) are never visible and never masked.
+
+This is the place to add a masking strategy (`mae.masking`):
+
+1. name it in `MAEConfig.masking` (vqmae/config.py);
+2. a strategy that only decides HOW MANY valid patches to mask per sample (random ones, like
+   "coupled", "fixed", "audio2visual") is a branch of `_mask_counts`; one that decides WHICH
+   patches (like "time", whole time steps) is a branch of `sample_masking` setting `noise`
+   (lowest-noise valid patches are masked) and `n_mask`;
+3. a strategy that needs both modalities is refused in `MAEModel._check_config`, and
+   benchmarks/pretrain.py `nominal_mask_ratio` gives its mean mask ratio for the FLOP count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from vqmae.models.layout import PatchLayout
+
+# Masking groups: the sort key is group + noise (noise in [0, 1)), so one argsort orders patches
+# visible → masked → padding and, within a group, by noise.
+_VISIBLE, _MASKED, _PADDING = 0.0, 1.0, 2.0
+
+
+@dataclass
+class Masking:
+    """Per-modality masking of one batch (all tensors on the model's device)."""
+
+    mask: dict[str, torch.Tensor]  # [B, N] bool, True = masked (a valid patch the decoder predicts)
+    padding: dict[str, torch.Tensor]  # [B, N] bool, True = padding patch (all frames padded)
+    ids_shuffle: dict[str, torch.Tensor]  # [B, N] visible first, then masked, then padding
+    ids_restore: dict[str, torch.Tensor]  # [B, N] argsort(ids_shuffle)
+    n_visible: dict[str, torch.Tensor]  # [B] int64
+    key: dict[str, torch.Tensor] = field(repr=False)  # [B, N] sort key: group + noise
+
+    def visible(self, name: str) -> torch.Tensor:
+        return ~(self.mask[name] | self.padding[name])  # [B, N]
+
+
+def _build_masking(mask: dict[str, torch.Tensor], padding: dict[str, torch.Tensor],
+                   noise: dict[str, torch.Tensor]) -> Masking:
+    key, shuffle, restore, n_vis = {}, {}, {}, {}
+    for m in mask:
+        group = torch.where(padding[m], _PADDING, torch.where(mask[m], _MASKED, _VISIBLE))
+        key[m] = group + noise[m]
+        shuffle[m] = torch.argsort(key[m], dim=1, stable=True)
+        restore[m] = torch.argsort(shuffle[m], dim=1)
+        n_vis[m] = (~(mask[m] | padding[m])).sum(1)
+    return Masking(mask, padding, shuffle, restore, n_vis, key)
+
+
+def masking_from(mask: Mapping[str, torch.Tensor], padding: Mapping[str, torch.Tensor]) -> Masking:
+    """A `Masking` from given masks (`[B, N]` bool per modality); padding patches are never masked."""
+    masks = {m: (mask[m].bool() if m in mask else torch.zeros_like(p)) & ~p
+             for m, p in padding.items()}
+    noise = {m: torch.zeros(p.shape, device=p.device) for m, p in padding.items()}
+    return _build_masking(masks, padding, noise)
+
+
+def _mask_counts(strategy: str, n_valid: dict[str, torch.Tensor], ratios: Mapping[str, float],
+                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Patches to mask per sample `[B]` for the count-based strategies."""
+    names = list(n_valid)
+    first = n_valid[names[0]]
+    if strategy == "coupled":
+        # Dirichlet(1, 1) = (u, 1 − u) with u ~ U(0, 1); a lone modality keeps that marginal.
+        r_v = torch.rand(first.shape, generator=generator, device=first.device)
+        r = {"visual": r_v, "audio": 1.0 - r_v} if len(names) == 2 else {names[0]: r_v}
+    elif strategy == "fixed":
+        r = {m: torch.full(first.shape, float(ratios[m]), device=first.device) for m in names}
+    elif strategy in ("audio2visual", "visual2audio"):
+        hidden = "visual" if strategy == "audio2visual" else "audio"
+        r = {m: torch.full(first.shape, float(m == hidden), device=first.device) for m in names}
+    else:
+        raise ValueError(f"unknown masking strategy {strategy!r}")
+    return {m: torch.round(r[m] * n_valid[m]).long() for m in names}
+
+
+def _keep_one_visible(n_mask: dict[str, torch.Tensor], n_valid: dict[str, torch.Tensor]) -> None:
+    """Where a sample would have no visible patch at all, unmask one of its largest modality's."""
+    names = list(n_mask)
+    visible = sum(n_valid[m] - n_mask[m] for m in names)
+    largest = torch.stack([n_valid[m] for m in names]).argmax(0)  # [B]
+    for i, m in enumerate(names):
+        fix = (visible == 0) & (largest == i) & (n_valid[m] > 0)
+        n_mask[m] = n_mask[m] - fix.long()
+
+
+def sample_masking(strategy: str, padding: Mapping[str, torch.Tensor],
+                   layouts: Mapping[str, PatchLayout], ratios: Mapping[str, float],
+                   generator: torch.Generator | None) -> Masking:
+    """Draw per-clip masks for every modality at once, on `padding`'s device.
+
+    padding: `[B, N]` bool per modality. ratios: fixed mask ratio per modality ("fixed", "time").
+    Every sample keeps at least one visible patch overall; masked counts are exact:
+    `round(r × n_valid_patches)` per modality (coupled, fixed); "time" masks
+    `round(r × n_valid_steps)` whole time steps per modality, drawn from one permutation of time
+    steps shared by both modalities, so the modality with the smaller ratio masks a subset of the
+    other's steps (identical steps when the ratios are equal).
+    """
+    names = list(padding)
+    valid = {m: ~padding[m] for m in names}
+    n_valid = {m: valid[m].sum(1) for m in names}
+    device = padding[names[0]].device
+    if strategy == "time":
+        n_time = {layouts[m].n_time for m in names}
+        if len(n_time) != 1:
+            raise ValueError(f"time masking needs equal time steps per modality, got "
+                             f"{ {m: layouts[m].n_time for m in names} }")
+        b = padding[names[0]].shape[0]
+        step_noise = torch.rand(b, n_time.pop(), generator=generator, device=device)
+        noise = {m: step_noise[:, layouts[m].time_index(device)] for m in names}
+        n_mask = {}
+        for m in names:
+            per_step = layouts[m].n_patches // layouts[m].n_time
+            steps = torch.round(ratios[m] * n_valid[m].div(per_step, rounding_mode="floor"))
+            n_mask[m] = steps.long() * per_step
+    else:
+        noise = {m: torch.rand(padding[m].shape, generator=generator, device=device) for m in names}
+        n_mask = _mask_counts(strategy, n_valid, ratios, generator)
+    _keep_one_visible(n_mask, n_valid)
+    mask = {}
+    for m in names:
+        # Lowest-noise valid patches are masked; padding sorts last and is never masked.
+        order = torch.argsort(torch.where(valid[m], noise[m], _PADDING), dim=1, stable=True)
+        rank = torch.argsort(order, dim=1)
+        mask[m] = valid[m] & (rank < n_mask[m][:, None])
+    return _build_masking(mask, dict(padding), noise)

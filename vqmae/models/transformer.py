@@ -1,0 +1,112 @@
+"""Stage 2's transformer parts: pre-LN self- and cross-attention blocks.
+
+`Block` is the encoder's (`fusion="joint"`) and the decoder's layer, and the classifier's
+(`vqmae.models.classifier`); `CrossEncoder` is the encoder of `fusion="cross"`. Sequences are
+`[B, L, width]` with a key validity `[B, L]` bool (False = padding, never attended to).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqmae.config import MAEConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`; self- or cross-attention."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"mae.width={width} is not divisible by mae.heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[B, L, D]`, context `[B, S, D]` (default x), key_valid `[B, S]` bool → `[B, L, D]`."""
+        context = x if context is None else context
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, L, D/H]
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if key_valid is None else key_valid[:, None, None, :]  # [B, 1, 1, S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(round(width * mlp_ratio))
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, width), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[B, L, D]`, key_valid `[B, L]` bool (False = never attended to)."""
+        if x.shape[1] == 0:  # a modality with no visible patch in the whole batch (cross fusion)
+            return x
+        x = x + self.attn(self.norm1(x), key_valid=key_valid)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-LN cross-attention: x + attn(LN x, LN context); samples with no context keys pass."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """x `[B, L, D]`, context `[B, S, D]`, key_valid `[B, S]` → `[B, L, D]`."""
+        if x.shape[1] == 0 or context.shape[1] == 0:
+            return x
+        has_keys = key_valid.any(1)  # [B]
+        # A sample without context keys (its other modality fully masked) attends to a dummy key
+        # (no NaN from an empty softmax) and its update is then dropped.
+        safe = key_valid.clone()
+        safe[:, 0] |= ~has_keys
+        update = self.attn(self.norm_q(x), self.norm_kv(context), safe)
+        return x + update * has_keys[:, None, None].to(update.dtype)
+
+
+class CrossEncoder(nn.Module):
+    """`fusion="cross"`: per layer, each modality runs its own self-attention `Block`, then both
+    exchange information through a `CrossBlock` (audio queries attend to visible visual patches
+    and visual queries to visible audio patches, both from the self-attention outputs, updated
+    simultaneously). Each modality keeps its own sequence of visible patches; with one modality
+    the cross blocks are skipped. The decoder is the same joint one for both fusions.
+    """
+
+    def __init__(self, names: tuple[str, ...], cfg: MAEConfig):
+        super().__init__()
+        w = cfg.width
+        self.self_blocks = nn.ModuleDict({m: nn.ModuleList(
+            [Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.encoder_depth)])
+            for m in names})
+        self.cross_blocks = nn.ModuleDict({m: nn.ModuleList(
+            [CrossBlock(w, cfg.heads, cfg.dropout) for _ in range(cfg.encoder_depth)])
+            for m in names}) if len(names) == 2 else nn.ModuleDict()
+
+    def forward(self, seq: dict[str, torch.Tensor],
+                valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """seq `[B, K_m, D]` and key validity `[B, K_m]` per modality → `[B, K_m, D]`."""
+        names = list(seq)
+        for layer in range(len(self.self_blocks[names[0]])):
+            seq = {m: self.self_blocks[m][layer](seq[m], valid[m]) for m in names}
+            if len(names) == 2:
+                a, b = names
+                seq = {a: self.cross_blocks[a][layer](seq[a], seq[b], valid[b]),
+                       b: self.cross_blocks[b][layer](seq[b], seq[a], valid[a])}
+        return seq
