@@ -17,7 +17,7 @@ from vqmae.utils import resolve_device
 def reconstruct(
     checkpoint: Annotated[Path, typer.Argument(help="A pretraining checkpoint (mae.pt).")],
     store: Annotated[Path, typer.Argument(help="A token store made with the same tokenizers.")],
-    out: Annotated[Path, typer.Option(help="Folder for the PNG panels.")] = Path("reconstructions"),
+    out: Annotated[Path, typer.Option(help="Folder for the PNG panels and WAV files.")] = Path("reconstructions"),
     tokenizers: Annotated[Optional[Path], typer.Option(help="Tokenizer directory, if the store's recorded paths moved.")] = None,
     windows: Annotated[int, typer.Option(help="Validation windows to draw.")] = 2,
     masking: Annotated[Optional[str], typer.Option(help="Override the masking: coupled, fixed, time, audio2visual, visual2audio.")] = None,
@@ -25,7 +25,8 @@ def reconstruct(
     device: str = "auto",
     verbose: bool = False,
 ) -> None:
-    """Decode original / masked / predicted codes through the stage-1 decoders into PNG panels."""
+    """Decode original / masked / predicted codes through the stage-1 decoders into PNG panels, and
+    the audio's original / predicted spectrograms into WAV files (Griffin-Lim)."""
     setup_logging(verbose)
     try:
         paths = run_reconstruct(checkpoint, store, out, tokenizers_dir=tokenizers, n_windows=windows,

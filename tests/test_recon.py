@@ -1,19 +1,19 @@
 """Reconstruction panels: masked tokens predicted, visible ones kept, decoded through real tokenizers."""
 
+import wave
+
 import numpy as np
 import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from vqmae.checkpoint import checkpoint_sha256, save_checkpoint
+from vqmae.checkpoint import checkpoint_sha256, load_mae, save_checkpoint, store_tokenizers
 from vqmae.config import load_config
-from vqmae.checkpoint import load_mae, store_tokenizers
+from vqmae.models.tokenizers import build_tokenizer
 from vqmae.recon import predicted_codes
 from vqmae.stages.pretrain import pretrain
-from vqmae.windows import batch_dict
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
-from vqmae.models.tokenizers import build_tokenizer
-from vqmae.windows import WindowData
+from vqmae.windows import WindowData, batch_dict
 
 OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
              "mae.decoder_depth=1", "mae.head_dim=8", "pretrain.batch_size=4", "pretrain.steps=2",
@@ -62,4 +62,10 @@ def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
                                    "--out", str(tmp_path / "png"), "--windows", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
-        "step2_window0_audio.png", "step2_window0_visual.png"]
+        "step2_window0_audio.png", "step2_window0_audio_original.wav", "step2_window0_audio_predicted.wav",
+        "step2_window0_visual.png"]
+    for view in ("original", "predicted"):  # listenable: 16-bit mono at the tokenizer's rate, not silent
+        with wave.open(str(tmp_path / "png" / f"step2_window0_audio_{view}.wav")) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, cfg.audio.sample_rate)
+            pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+        assert len(pcm) >= cfg.mae.window_seconds * cfg.audio.sample_rate * 0.9 and np.abs(pcm).max() > 1000

@@ -8,8 +8,10 @@ audio frames per 25 fps video frame.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,3 +181,18 @@ def add_noise(wave: np.ndarray, spec: NoiseSpec, key: str) -> np.ndarray:
     p_signal, p_noise = np.mean(x ** 2), np.mean(noise ** 2)
     noise *= math.sqrt(p_signal / (p_noise * 10.0 ** (spec.snr_db / 10.0)))
     return (x + noise).astype(np.float32)
+
+
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+
+
+def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
+    """16-bit PCM mono WAV.  audio: [n] float in [-1, 1]"""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(_pcm16(audio).tobytes())
+    return buf.getvalue()

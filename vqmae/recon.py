@@ -1,5 +1,6 @@
-"""What the masked-token model learned, made visible: original / masked / predicted codes of a
-window decoded through the stage-1 tokenizers into PNG panels (spectrograms and face frames).
+"""What the masked-token model learned, made visible and audible: original / masked / predicted
+codes of a window decoded through the stage-1 tokenizers into PNG panels (spectrograms and face
+frames) and, for audio, WAV files (the decoded spectrograms through Griffin-Lim phase recovery).
 
 The tokenizers are found through the store: `vqmae tokenize` records each tokenizer checkpoint's path
 beside its sha256, and `vqmae.checkpoint.store_tokenizers` only accepts a file whose sha256 matches the store's.
@@ -13,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqmae.audio import griffin_lim, wav_bytes
+from vqmae.config import AudioConfig
 from vqmae.models.tokenizers import tensor_to_faces
+from vqmae.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,11 @@ def _decode(tokenizer, codes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str, torch.nn.Module],
-                out_dir: str | Path, tag: str, sample: int = 0, n_frames: int = 8) -> list[Path]:
-    """Write `<tag>_audio.png` / `<tag>_visual.png` for one window of the batch; returns the paths."""
+                out_dir: str | Path, tag: str, sample: int = 0, n_frames: int = 8,
+                audio_cfg: AudioConfig | None = None) -> list[Path]:
+    """Write `<tag>_audio.png` / `<tag>_visual.png` for one window of the batch and, given the
+    audio tokenizer's `audio_cfg`, `<tag>_audio_original.wav` / `<tag>_audio_predicted.wav`;
+    returns the paths."""
     from vqmae import plots  # matplotlib: loaded only when a panel is drawn
 
     out_dir = Path(out_dir)
@@ -70,6 +77,9 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
                 [views["original"].numpy(), masked.numpy(), views["predicted"].numpy()],
                 ["original", "masked", "predicted"], out_dir / f"{tag}_audio.png",
                 f"audio tokens, {float(mask.float().mean()):.0%} masked"))
+            if audio_cfg is not None:
+                for view in ("original", "predicted"):
+                    paths.append(_write_wav(views[view], audio_cfg, out_dir / f"{tag}_audio_{view}.wav"))
         else:
             frames = np.linspace(0, mask.shape[0] - 1, n_frames).round().astype(int)
             orig = tensor_to_faces(views["original"][frames])
@@ -82,3 +92,12 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
                                           out_dir / f"{tag}_visual.png",
                                           f"visual tokens, {float(mask.float().mean()):.0%} masked"))
     return paths
+
+
+def _write_wav(power: torch.Tensor, cfg: AudioConfig, path: Path) -> Path:
+    """A decoded power spectrogram [T, F] as a listenable WAV: Griffin-Lim (seeded, so the same
+    codes give the same file), peak-normalised to 0.9."""
+    wave = griffin_lim(power, cfg).numpy()
+    peak = float(abs(wave).max()) if wave.size else 0.0
+    atomic_write_bytes(path, wav_bytes(wave * (0.9 / peak) if peak > 0 else wave, cfg.sample_rate))
+    return path

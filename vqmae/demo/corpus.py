@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import time
-import wave
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from vqmae import __version__
+from vqmae.audio import wav_bytes
 from vqmae.config import SynthConfig
 from vqmae.demo.face import FaceRenderer, head_motion
 from vqmae.demo.profiles import EMOTIONS, FPS, Emotion, Handle, _rng, make_speaker, speaker_name
@@ -207,21 +207,6 @@ def render_frames(cfg: SynthConfig, spec: ClipSpec, clip: Clip):
     motion = head_motion(len(clip.opening), cfg.frame_size, renderer.margin, clip.params.emo.head, rng)
     for affine, opening in zip(motion, clip.opening):
         yield renderer.render(affine, float(opening))
-
-
-def _pcm16(audio: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
-
-
-def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
-    """16-bit PCM mono WAV.  audio: [n] float in [-1, 1]"""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(_pcm16(audio).tobytes())
-    return buf.getvalue()
 
 
 def mp4_bytes(frames, audio: np.ndarray, rate: int, size: int) -> bytes:
