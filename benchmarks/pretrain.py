@@ -368,7 +368,7 @@ def print_report(console: Console, style: box.Box, res: dict[str, Any], base: Co
     console.print(trainer)
     mm = res["matmul"]
     console.print(f"(c) matmul peak: {mm['dtype']} {mm['n']}×{mm['n']} → {peak:.4f} TFLOP/s; "
-                  f"GFLOP/window = vqmae.models.mae.flops_per_window (fwd + bwd) at mask ratio "
+                  f"GFLOP/window = vqmae.models.layout.flops_per_window (fwd + bwd) at mask ratio "
                   f"{train[0]['mask_ratio'] if train else math.nan:g}")
     if train:
         ratio = feed / max(r["windows_per_s"] for r in train)  # the hungriest model binds
