@@ -23,7 +23,7 @@ def tokenize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Token store to write (a .zarr directory).")],
     tokenizers: Annotated[Optional[Path], typer.Option(help="Encode with these trained tokenizers (a directory with audio_vqvae.pt / visual_vqvae.pt) instead of training new ones.")] = None,
     kind: Annotated[str, typer.Option(help="Dataset layout: auto, ravdess, cremad, enterface, voxceleb2, csv, folder.")] = "auto",
-    modalities: Annotated[str, typer.Option(help="av, audio or visual.")] = "av",
+    modalities: Annotated[str, typer.Option(help="auto (av when any clip has video, else audio), av, audio or visual.")] = "auto",
     shard: Annotated[str, typer.Option(help="i/N: encode every N-th clip starting at i; run 0/1 (the default) afterwards to merge.")] = "0/1",
     face: Annotated[Optional[str], typer.Option(help="Face mode: auto, fan, haar, none (sets face.mode).")] = None,
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
@@ -46,7 +46,7 @@ def tokenize(
     try:
         with RichReporter(console) as reporter:
             result = run_tokenize(data, out, cfg, run, tokenizers=tokenizers, kind=kind,
-                                  modalities=parse_modalities(modalities), shard=shard_, workers=workers,
+                                  modalities=None if modalities == "auto" else parse_modalities(modalities), shard=shard_, workers=workers,
                                   device=resolve_device(device if device != "auto" else cfg.device),
                                   train_only=train_only, heldout_fraction=heldout, reporter=reporter)
     except (DatasetError, TokenizeError, StoreError, CheckpointError, ValueError) as e:
@@ -62,11 +62,13 @@ def tokenize(
 
 def _print_eval(evaluation: dict, directory: Path) -> None:
     table = Table(title=f"tokenizers in {directory} (held-out clips)")
-    for col in ("modality", "frames", "codebook usage", "perplexity", "recon error", "mean-frame error", "ratio"):
+    for col in ("modality", "frames", "codebook usage", "perplexity", "recon error", "mean-frame error", "ratio",
+                "F0 corr", "F0 within 5%", "energy corr"):
         table.add_column(col, justify="right")
     for m, e in evaluation.items():
+        prosody = [f"{e[k]:.3f}" if e.get(k) is not None else "-" for k in ("f0_corr", "f0_within_5pct", "energy_corr")]
         table.add_row(m, str(e["frames"]), f"{e['usage']:.1%}", f"{e['perplexity']:.1f}",
-                      f"{e['recon_error']:.4g}", f"{e['mean_frame_error']:.4g}", f"{e['ratio']:.3f}")
+                      f"{e['recon_error']:.4g}", f"{e['mean_frame_error']:.4g}", f"{e['ratio']:.3f}", *prosody)
     console.print(table)
 
 

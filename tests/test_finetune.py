@@ -22,7 +22,8 @@ OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encod
              "pretrain.warmup_steps=1", "pretrain.val_fraction=0.2", "pretrain.log_every=2",
              "pretrain.val_every=4", "pretrain.ckpt_every=4", "pretrain.recon_every=1000",
              "finetune.folds=4", "finetune.epochs=4", "finetune.batch_size=8", "finetune.lr=0.003",
-             "finetune.head_lr=0.01", "finetune.dropout=0.0", "finetune.warmup_epochs=0.5"]
+             "finetune.head_lr=0.01", "finetune.dropout=0.0", "finetune.warmup_epochs=0.5",
+             "finetune.inits=pretrained,scratch"]
 
 
 def make_store(path, sha="a" * 64, n_speakers=4, per_speaker=6, seed=0, flip=0.0):
@@ -240,3 +241,25 @@ def test_two_process_gloo_ddp_equals_one_process(trained, tmp_path):
             if k.endswith("attn.kv.bias"):  # see tests/test_pretrain.py: only the value half counts
                 sa[k], sb[k] = sa[k][32:], sb[k][32:]
             assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_audio_only_store_pretrains_and_finetunes_with_defaults(tmp_path):
+    """mae.modalities 'auto' takes the store's: no --set needed for an audio-only store, and the
+    artifacts record the concrete modality."""
+    rng = np.random.default_rng(0)
+    specs = {"audio": ModalitySpec("audio", 16, (8,), 50.0, "a" * 64)}
+    with StoreWriter(tmp_path / "a.zarr", specs) as w:
+        for i in range(24):
+            k, n = i % len(CLASSES), int(rng.integers(40, 80))
+            w.add({"clip_id": f"c{i}", "index": i, "speaker": f"spk{i % 4}", "label": CLASSES[k]},
+                  {"audio": (np.full((n, 8), 4 * k) + rng.integers(0, 3, (n, 8))) % 16})
+    merge(tmp_path / "a.zarr")
+    cfg = load_config("tiny", OVERRIDES + ["finetune.epochs=2"])
+    assert cfg.mae.modalities == "auto"
+    pre = pretrain(tmp_path / "a.zarr", cfg, tmp_path / "pre")
+    assert pre.model.names == ("audio",) and set(pre.accuracy) == {"audio"}
+    ckpt = torch.load(tmp_path / "pre" / "mae.pt", weights_only=True)
+    assert ckpt["config"]["mae"]["modalities"] == "audio"
+    r = finetune(tmp_path / "a.zarr", cfg, tmp_path / "ft", mae=tmp_path / "pre" / "mae.pt")
+    assert {row["eval"] for row in r.summary["rows"]} == {"audio"}
+    assert {row["variant"] for row in r.summary["rows"]} == {"pretrained", "scratch"}

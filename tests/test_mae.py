@@ -120,7 +120,10 @@ def test_dims_from_specs_and_round_trip():
     audio_only = MAEDims.from_specs({"audio": SPECS["audio"]}, MAEConfig())
     assert audio_only.visual is None
     with pytest.raises(ValueError, match="needs visual codes"):
-        MAEModel(MAEConfig(encoder_depth=1, decoder_depth=1), audio_only)
+        MAEModel(MAEConfig(modalities="av", encoder_depth=1, decoder_depth=1), audio_only)
+    # "auto" (the default) takes the modalities the dims have
+    assert MAEModel(MAEConfig(encoder_depth=1, decoder_depth=1), audio_only).names == ("audio",)
+    assert MAEModel(MAEConfig(encoder_depth=1, decoder_depth=1), dims).names == ("audio", "visual")
 
 
 # -- masking -----------------------------------------------------------------------------------

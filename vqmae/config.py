@@ -112,7 +112,9 @@ class VisualVQConfig:
 class MAEConfig:
     """Masked-token transformer over audio + visual codes (docs/design.md §2, VQ-MAE-AV)."""
 
-    modalities: Literal["av", "audio", "visual"] = "av"
+    # "auto": what the token store holds (av with audio and visual codes, else its one modality);
+    # stages write the resolved value into their artifacts
+    modalities: Literal["auto", "av", "audio", "visual"] = "auto"
     window_seconds: float = 2.0  # 50 video frames + 100 audio frames at the default rates
     visual_tube: tuple[int, ...] = (4, 4, 5)  # tokens (height, width) × frames per visual patch
     audio_patch: tuple[int, ...] = (4, 10)  # frequency tokens × frames per audio patch
@@ -177,10 +179,12 @@ class FinetuneConfig:
     targets: tuple[str, ...] = ("valence", "arousal", "dominance")  # regress: table columns
     pooling: Literal["attention", "mean", "cls"] = "attention"  # per modality, then concatenated
     freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
-    # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init)
-    inits: tuple[str, ...] = ("pretrained", "scratch")
-    # "tokens" in inits adds the bag-of-tokens baseline (vqmae.stages.finetune.baseline): per-position code
-    # histograms, grid positions pooled in blocks of token_pool, L2 logistic regression
+    # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init), and
+    # the linear baselines on the same folds (vqmae.stages.finetune.baseline; classify and regress
+    # only, skipped with a warning for other tasks): "tokens", per-position code histograms with grid
+    # positions pooled in blocks of token_pool; "egemaps", openSMILE's eGeMAPSv02 functionals of the
+    # clip's audio, z-scored per speaker
+    inits: tuple[str, ...] = ("pretrained", "scratch", "tokens", "egemaps")
     token_pool: int = 4
     protocol: Literal["kfold", "loso", "split"] = "kfold"
     folds: int = 5
@@ -374,6 +378,24 @@ def valid_keys(cfg: Config | None = None) -> list[str]:
 
     walk(cfg, "")
     return out
+
+
+def mae_modalities(mode: str, available: typing.Iterable[str]) -> str:
+    """`mae.modalities` made concrete: "auto" → "av" when audio and visual codes are both
+    `available`, else the one that is; any other mode is returned as it is (the model and the
+    window geometry check it against the store)."""
+    if mode != "auto":
+        return mode
+    have = {"audio", "visual"} & set(available)
+    if not have:
+        raise ConfigError(f"mae.modalities='auto': no audio or visual codes among {sorted(available)}")
+    return "av" if len(have) == 2 else have.pop()
+
+
+def resolve_modalities(cfg: Config, available: typing.Iterable[str]) -> Config:
+    """`cfg` with `mae.modalities` made concrete for a store holding `available` modalities."""
+    mode = mae_modalities(cfg.mae.modalities, available)
+    return cfg if mode == cfg.mae.modalities else replace(cfg, mae=replace(cfg.mae, modalities=mode))
 
 
 def load_config(preset: str = "paper", overrides: typing.Sequence[str] = ()) -> Config:

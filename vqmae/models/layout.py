@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from vqmae.config import MAEConfig
+from vqmae.config import MAEConfig, mae_modalities
 
 MODALITIES = ("audio", "visual")
 
@@ -196,7 +196,8 @@ def flops_per_window(cfg: MAEConfig, dims: MAEDims, mask_ratio: float = 0.5) -> 
     the decoder on every patch, attention scores and mixing (4 · L² · width per layer), and the
     heads on masked patches only. `mask_ratio` 0.5 is the mean under "coupled" masking.
     """
-    names = ("audio", "visual") if cfg.modalities == "av" else (cfg.modalities,)
+    mode = mae_modalities(cfg.modalities, [m for m in MODALITIES if dims.get(m) is not None])
+    names = ("audio", "visual") if mode == "av" else (mode,)
     layouts = {m: patch_layout(m, dims.get(m), cfg) for m in names}
     w = cfg.width
     hidden = int(round(w * cfg.mlp_ratio))

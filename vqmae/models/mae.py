@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqmae.config import MAEConfig
-from vqmae.models.layout import MAEDims, patch_layout, sincos_positions
+from vqmae.config import MAEConfig, mae_modalities
+from vqmae.models.layout import MODALITIES, MAEDims, patch_layout, sincos_positions
 from vqmae.models.masking import Masking, masking_from, sample_masking
 from vqmae.models.transformer import Block, CrossEncoder
 
@@ -88,7 +88,8 @@ class MAEModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dims = dims if isinstance(dims, MAEDims) else MAEDims.from_specs(dims, cfg)
-        self.names = ("audio", "visual") if cfg.modalities == "av" else (cfg.modalities,)
+        mode = mae_modalities(cfg.modalities, [m for m in MODALITIES if self.dims.get(m) is not None])
+        self.names = ("audio", "visual") if mode == "av" else (mode,)
         self._check_config()
         w = cfg.width
         self.layouts = {m: patch_layout(m, self.dims.get(m), cfg) for m in self.names}

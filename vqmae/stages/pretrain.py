@@ -35,7 +35,7 @@ import torch
 
 from vqmae.checkpoint import (ParentMismatchError, check_parents, check_resume, load_checkpoint, restore_rng,
                               save_checkpoint, store_parents, store_tokenizers)
-from vqmae.config import Config
+from vqmae.config import Config, resolve_modalities
 from vqmae.models.layout import MAEDims
 from vqmae.models.mae import MAEModel
 from vqmae.recon import predicted_codes, save_panels
@@ -268,6 +268,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     run.mkdir(parents=True, exist_ok=True)
     pcfg = cfg.pretrain
     store = TokenStore.open(store_path)
+    cfg = resolve_modalities(cfg, store.specs)  # the checkpoint records the concrete modalities
     data = WindowData(store, cfg, rank=info.rank, world_size=info.world_size)
     dims = MAEDims.from_specs(store.specs, cfg.mae)
     parents = store_parents(store)
@@ -355,7 +356,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
 def _panels(model: MAEModel, data: WindowData, tokenizers: dict, run: Path, step: int, cfg: Config,
             device: str) -> None:
     """Reconstruction PNGs of the first validation window, through the store's tokenizers
-    (none when they could not be found: `recon.find_tokenizers` logged why)."""
+    (none when they could not be found: `checkpoint.store_tokenizers` logged why)."""
     windows = val_windows(data)
     if not tokenizers or not windows:
         return

@@ -27,12 +27,13 @@ import torch
 
 from vqmae.checkpoint import (TOKENIZER_FILES, TOKENIZER_KIND, check_resume, load_checkpoint, load_tokenizer,
                               load_tokenizers, restore_rng, save_checkpoint)
-from vqmae.config import Config, view_differences
+from vqmae.config import AudioConfig, Config, view_differences
 from vqmae.datasets import ClipInfo, scan
+from vqmae.encoding import TokenizeError, encode_corpus, store_failures
 from vqmae.framepool import FramePool
 from vqmae.ingest import ClipData, Failure, ingest
-from vqmae.encoding import TokenizeError, encode_corpus, store_failures
 from vqmae.models.tokenizers import build_tokenizer, decode_codes, encode_frames, faces_to_tensor
+from vqmae.prosody import prosody_agreement
 from vqmae.training import Fit, MetricsLog, Reporter, StepOut, base_lrs
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
@@ -180,18 +181,23 @@ def _is_div(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.ndarray,
-                       device: str) -> dict[str, float]:
+                       device: str, audio_cfg: AudioConfig | None = None) -> dict[str, float]:
     """Held-out codebook usage and reconstruction error vs predicting the training-set mean frame.
 
     Audio error is the Itakura-Saito divergence (the training loss); visual error is pixel MSE in
     [-0.5, 0.5] units. `ratio` = model error / mean-frame error (lower is better, < 0.5 required).
+    Given the features' `audio_cfg`, audio also reports how well the decoded frames keep pitch and
+    energy (`vqmae.prosody.prosody_agreement`: f0_corr, f0_within_5pct, energy_corr).
     """
     codes = encode_frames(model, modality, frames, device)
     recon = decode_codes(model, modality, codes, device)
     counts = np.bincount(codes.reshape(-1), minlength=model.codebook_size)
+    extra: dict[str, float] = {}
     if modality == "audio":
         err = _is_div(frames, recon)
         base = _is_div(frames, np.broadcast_to(train_mean, frames.shape))
+        if audio_cfg is not None:
+            extra = prosody_agreement(frames, recon, audio_cfg)
     else:
         f = frames.astype(np.float32) / 255
         err = float(np.mean((f - recon.astype(np.float32) / 255) ** 2))
@@ -200,7 +206,7 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
     perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
     return {"frames": int(len(frames)), "usage": float((counts > 0).mean()), "perplexity": perplexity,
             "recon_error": err, "mean_frame_error": base, "ratio": err / base if base > 0 else math.inf,
-            "_counts": counts}
+            **extra, "_counts": counts}
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ def train_tokenizers(clips: Sequence[ClipInfo], cfg: Config, run_dir: Path, *,
         ckpts[m] = train_one(m, pool, cfg, out, device=device, reporter=reporter,
                              metrics_file=run_dir / "metrics.jsonl")
         model, _ = load_tokenizer(ckpts[m], device)
-        evaluation[m], figs = _evaluate_and_plot(model, m, pool, held_pools, out, device)
+        evaluation[m], figs = _evaluate_and_plot(model, m, pool, held_pools, out, device, cfg)
         plots += figs
     report = {m: {k: v for k, v in e.items() if not k.startswith("_")} for m, e in evaluation.items()}
     atomic_write_json(out / "eval.json", report)
@@ -281,13 +287,13 @@ def _finished(out: Path, modalities: Sequence[str], cfg: Config) -> TrainResult 
 
 
 def _evaluate_and_plot(model, m: str, pool: FramePool, held_pools: Pools | None, out: Path,
-                       device: str) -> tuple[dict, list[Path]]:
+                       device: str, cfg: Config) -> tuple[dict, list[Path]]:
     from vqmae import plots
 
     held = getattr(held_pools, m) if held_pools is not None else None
     frames = held.frames[:held.filled] if held is not None and held.filled else pool.frames[:pool.filled]
     train_mean = pool.frames[:pool.filled].mean(axis=0)
-    ev = evaluate_tokenizer(model, m, frames, train_mean, device)
+    ev = evaluate_tokenizer(model, m, frames, train_mean, device, cfg.audio)
     ev["heldout"] = held is not None and held.filled > 0
     figs = [plots.codebook_usage(ev["_counts"], out / f"{m}_codebook.png", f"{m} tokenizer")]
     sample = frames[:200] if m == "audio" else frames[np.linspace(0, len(frames) - 1, 8).astype(int)]
@@ -320,15 +326,19 @@ class TokenizeResult:
 
 def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path, *,
              tokenizers: str | Path | None = None, kind: str = "auto",
-             modalities: Sequence[str] = ("audio", "visual"), shard: tuple[int, int] = (0, 1),
+             modalities: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1),
              workers: int = 2, device: str = "cpu", train_only: bool = False,
              heldout_fraction: float = 0.1, reporter: Reporter = Reporter()) -> TokenizeResult:
     """Stage 1 from a corpus: scan it, train both tokenizers (or load `tokenizers`, a directory
     with audio_vqvae.pt / visual_vqvae.pt), encode this shard's clips into `out` and list every
-    failure in `run_dir/failures.csv` (one file per shard). Resumable at every point."""
+    failure in `run_dir/failures.csv` (one file per shard). Resumable at every point.
+
+    `modalities` None: audio and visual when any clip has video, else audio alone."""
     t0 = time.perf_counter()
     run, out = Path(run_dir), Path(out)
     clips = scan(data, kind).clips  # before the run directory is made: a bad corpus leaves none
+    if modalities is None:
+        modalities = ("audio", "visual") if any(c.has_video for c in clips) else ("audio",)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", cfg.to_dict())
     failures: list[Failure] = []

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqmae.config import mae_modalities
 from vqmae.store import ModalitySpec
 
 
@@ -56,7 +57,9 @@ def _whole(x: float, what: str) -> int:
 
 def window_geometry(specs: Mapping[str, ModalitySpec], mode: str,
                     window_seconds: float) -> WindowGeometry:
-    """Frames per window from the window length and each modality's frame rate, checked whole."""
+    """Frames per window from the window length and each modality's frame rate, checked whole.
+    `mode` "auto" takes the modalities the store has (`vqmae.config.mae_modalities`)."""
+    mode = mae_modalities(mode, specs)
     if mode not in MODES:
         raise ValueError(f"unknown modalities mode {mode!r}; choose one of {sorted(MODES)}")
     names = MODES[mode]

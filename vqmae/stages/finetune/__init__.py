@@ -50,9 +50,9 @@ import torch
 from vqmae import folds as folds_mod
 from vqmae.audio import NoiseSpec
 from vqmae.checkpoint import check_resume, store_parents
-from vqmae.config import Config, FinetuneConfig
+from vqmae.config import Config, FinetuneConfig, resolve_modalities
 from vqmae.noise import noisy_store
-from vqmae.stages.finetune.data import EVAL_MODES, ClipWindows, FinetuneError, load_backbone
+from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, ClipWindows, FinetuneError, load_backbone
 from vqmae.stages.finetune.report import summarize, write_plots
 from vqmae.stages.finetune.trainer import Trainer, Unit, UnitResult, jsonable
 from vqmae.store import TokenStore
@@ -85,6 +85,7 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     store = TokenStore.open(store_path)
+    cfg = resolve_modalities(cfg, store.specs)  # from scratch: the store's modalities
     bb = load_backbone(store, cfg, mae)
     _check_run_config(run, cfg, info)
     if noisy_stores is None:
@@ -106,7 +107,7 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
     if not len(usable):
         raise FinetuneError(f"{store.path}: no clip with status ok, codes and a {fcfg.task} target")
     fold_list = _folds(store, usable, cfg, split_file)
-    trainer = Trainer(store, cfg, bb, task, run, device, info, reporter, noisy)
+    trainer = Trainer(store, cfg, bb, task, run, device, info, reporter, noisy, workers)
     if info.main:
         atomic_write_json(run / "folds.json", [
             {"name": f.name, "test_speakers": list(f.test_speakers), "val_speakers": list(f.val_speakers),
@@ -138,16 +139,15 @@ def _noisy_stores(store: Path, cfg: Config, run: Path, device: str, workers: int
 
 
 def _check_config(fcfg: FinetuneConfig) -> None:
-    bad = [v for v in fcfg.inits if v not in ("pretrained", "scratch", "tokens")]
+    bad = [v for v in fcfg.inits if v not in ("pretrained", "scratch", *BASELINES)]
     if bad or not fcfg.inits:
-        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected any of 'pretrained', 'scratch' "
-                            f"and 'tokens' (the bag-of-tokens baseline)")
+        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected any of 'pretrained', 'scratch', "
+                            f"'tokens' (the bag-of-tokens baseline) and 'egemaps' (the eGeMAPS baseline)")
     if fcfg.task not in TASKS:
         raise FinetuneError(f"finetune.task {fcfg.task!r}: expected one of {sorted(TASKS)}")
     single = TASKS[fcfg.task].single_label
-    if "tokens" in fcfg.inits and (not single or fcfg.token_pool < 1):
-        raise FinetuneError("finetune.inits 'tokens' (the bag-of-tokens baseline) needs task 'classify' "
-                            f"and finetune.token_pool >= 1 (got {fcfg.task!r}, {fcfg.token_pool})")
+    if "tokens" in fcfg.inits and fcfg.token_pool < 1:
+        raise FinetuneError(f"finetune.token_pool must be >= 1, got {fcfg.token_pool}")
     bad = [m for m in fcfg.eval_modalities if m not in EVAL_MODES]
     if bad:
         raise FinetuneError(f"finetune.eval_modalities: unknown {bad}; expected {list(EVAL_MODES)}")
@@ -192,6 +192,11 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
     fcfg = cfg.finetune
     largest = max(fcfg.label_fractions)
     variants = list(fcfg.inits) + (["student", "audio_labels"] if fcfg.distill else [])
+    if not (task.single_label or task.values):  # the linear baselines classify or regress
+        skipped = [v for v in variants if v in BASELINES]
+        if skipped:
+            log.warning("baselines %s: no linear baseline for task %r; skipped", skipped, task.kind)
+        variants = [v for v in variants if v not in BASELINES]
     results = []
     for frac in sorted(fcfg.label_fractions):
         for i, fold in enumerate(fold_list):
@@ -207,8 +212,8 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
                     results.append(UnitResult(**json.loads(done.read_text())))
                     log.info("%s: already done", unit.name)
                     continue
-                if variant == "tokens":
-                    results.append(trainer.token_unit(unit, train, fold.val, fold.test))
+                if variant in BASELINES:
+                    results.append(trainer.baseline_unit(unit, train, fold.val, fold.test))
                     continue
                 results.append(trainer.train_unit(unit, train, fold.val, fold.test,
                                                   save_model=frac == largest))

@@ -1,4 +1,10 @@
-"""Bag-of-tokens baseline for stage 3: per-position code histograms → L2 logistic regression.
+"""Simple baselines for stage 3, on the same folds and label subsets as the transformer: the
+bag-of-tokens model (per-position code histograms) and the shared fitting of a linear model to
+per-clip features (L2 logistic regression, or ridge regression for continuous targets), whose
+penalty is chosen on the fold's validation speakers. `vqmae.stages.finetune.egemaps` feeds it the
+standard eGeMAPS acoustic features.
+
+Bag of tokens: per-position code histograms → L2 logistic regression.
 
 A demanding reader of a fine-tuning table asks whether the transformer beats the simplest model of
 the same codes. This one sees each clip as, per modality, how often each code id occurs at each
@@ -6,7 +12,7 @@ the same codes. This one sees each clip as, per modality, how often each code id
 clips' statistics and fits a multinomial logistic regression with an L2 penalty (L-BFGS, to
 convergence). The penalty is chosen on the fold's validation speakers, like the transformer's
 epoch. One model is fitted per test modality (av: both histograms side by side; audio; visual), on
-the training clips that have that modality. Classification only.
+the training clips that have that modality. Single-label classification and regression.
 
 Feature size per modality: (grid positions / pool^dims) × codebook size — 36 × 512 for the visual
 24 × 24 grid at pool 4, 16 × 256 for the 64 audio tokens; float32, one row per clip.
@@ -23,10 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from vqmae.store import TokenStore
+from vqmae.tasks import Task
 
 log = logging.getLogger(__name__)
 
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # L2 weights tried on the validation speakers
+RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # × n clips
 
 
 def histogram_features(store: TokenStore, rows: np.ndarray, modality: str, pool: int) -> np.ndarray:
@@ -86,15 +94,47 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, penalty: float,
     return logits
 
 
-def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, n_classes: int,
-                 train: np.ndarray, val: np.ndarray, test: np.ndarray, modes: Sequence[str],
-                 score: Callable[[np.ndarray, np.ndarray], dict], class_weight: np.ndarray | None = None
-                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """Fit and test one model per mode.
+def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Ridge regression on standardised features, one target column at a time on the rows where it
+    is known; → a function features → values. x float32 [n, D], y float32 [n, T] (NaN = missing);
+    the penalty is ``penalty`` × n × ‖w‖² (so it does not scale with the number of clips)."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = ((x - mean) / std).astype(np.float64)
+    coef, bias = np.zeros((x.shape[1], y.shape[1])), np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        ok = ~np.isnan(y[:, j])
+        if not ok.any():
+            continue
+        a, b = xs[ok], y[ok, j].astype(np.float64)
+        bias[j] = b.mean()
+        gram = a.T @ a + penalty * len(a) * np.eye(a.shape[1])
+        coef[:, j] = np.linalg.solve(gram, a.T @ (b - bias[j]))
 
-    ``features``: {modality: float32 [n_clips_total, D]} indexed by table row; ``train`` / ``val`` /
-    ``test``: table rows; ``score(y, logits)`` → metrics dict with "uar". → ({mode: metrics},
-    {mode: (test rows used, logits)}, mean validation UAR of the chosen penalties)."""
+    def values(z: np.ndarray) -> np.ndarray:
+        return (((z - mean) / std) @ coef + bias).astype(np.float32)
+
+    return values
+
+
+def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
+                 train: np.ndarray, val: np.ndarray, test: np.ndarray, modes: Sequence[str],
+                 class_weight: np.ndarray | None = None, name: str = "baseline"
+                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """Fit and test one linear model per mode: logistic regression for a single-label task, ridge
+    regression for a task whose outputs are values.
+
+    ``features``: {modality: float32 [n_clips_total, D]} indexed by table row, an all-zero row for a
+    clip without it; ``train`` / ``val`` / ``test``: table rows. → ({mode: metrics}, {mode: (test
+    rows used, outputs)}, mean validation score (``task.select_key``) of the chosen penalties)."""
+    key = task.select_key
+    if task.single_label:
+        penalties = PENALTIES
+        fit = lambda x, t, p: fit_logistic(x, t, len(task.names), p, class_weight)  # noqa: E731
+    elif task.values:
+        penalties = RIDGE_PENALTIES
+        fit = fit_ridge
+    else:
+        raise ValueError(f"{name}: task {task.kind!r} has no linear baseline")
     metrics, outputs, vals = {}, {}, []
     for mode in modes:
         names = ("audio", "visual") if mode == "av" else (mode,)
@@ -108,19 +148,19 @@ def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, n_classes: i
             return np.concatenate([features[m][rows] for m in names], 1)
 
         tr, va, te = rows_with(train), rows_with(val), rows_with(test)
-        if len(np.unique(y[tr])) < 2 or not len(te):
-            log.warning("token baseline %s: too few training classes or no test clip; skipped", mode)
+        if (task.single_label and len(np.unique(y[tr])) < 2) or len(tr) < 2 or not len(te):
+            log.warning("%s %s: too few training classes or clips, or no test clip; skipped", name, mode)
             continue
-        best, best_uar = PENALTIES[-1], -math.inf
-        for penalty in PENALTIES if len(va) else ():
-            f = fit_logistic(feats(tr), y[tr], n_classes, penalty, class_weight)
-            uar = float(score(y[va], f(feats(va))).get("uar", math.nan))
-            if uar >= best_uar:  # ties: the stronger penalty (PENALTIES is increasing)
-                best, best_uar = penalty, uar
-        f = fit_logistic(feats(tr), y[tr], n_classes, best, class_weight)
+        best, best_score = penalties[-1], -math.inf
+        for penalty in penalties if len(va) else ():
+            f = fit(feats(tr), y[tr], penalty)
+            score = float(task.metrics(y[va], f(feats(va))).get(key, math.nan))
+            if score >= best_score:  # ties: the stronger penalty (penalties are increasing)
+                best, best_score = penalty, score
+        f = fit(feats(tr), y[tr], best)
         out = f(feats(te))
-        metrics[mode] = {**score(y[te], out), "n_clips": int(len(te)), "penalty": best}
+        metrics[mode] = {**task.metrics(y[te], out), "n_clips": int(len(te)), "penalty": best}
         outputs[mode] = (te, out)
-        if math.isfinite(best_uar):
-            vals.append(best_uar)
+        if math.isfinite(best_score):
+            vals.append(best_score)
     return metrics, outputs, float(np.mean(vals)) if vals else math.nan

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vqmae.checkpoint import check_parents, checkpoint_sha256, load_checkpoint, store_parents
-from vqmae.config import Config, MAEConfig
+from vqmae.config import Config, MAEConfig, mae_modalities
 from vqmae.models.classifier import EmotionModel, drop_modality, head_outputs
 from vqmae.models.layout import MAEDims
 from vqmae.store import TokenStore
@@ -21,7 +21,8 @@ from vqmae.windows import batch_dict, make_batch, tile_windows, window_geometry
 CKPT_NAME = "classifier.pt"
 
 
-VARIANTS = ("pretrained", "scratch", "tokens", "student", "audio_labels")
+VARIANTS = ("pretrained", "scratch", "tokens", "egemaps", "student", "audio_labels")
+BASELINES = ("tokens", "egemaps")  # linear models of per-clip features, not trained by `Fit`
 
 
 EVAL_MODES = ("av", "audio", "visual")
@@ -150,7 +151,8 @@ def load_backbone(store: TokenStore, cfg: Config, mae: str | Path | None) -> Bac
             raise FinetuneError("a pretrained MAE is needed (--mae mae.pt) for the 'pretrained' "
                                 "and distillation variants; use --from-scratch to train without one")
         dims = MAEDims.from_specs(store.specs, cfg.mae)
-        names = ("audio", "visual") if cfg.mae.modalities == "av" else (cfg.mae.modalities,)
+        mode = mae_modalities(cfg.mae.modalities, store.specs)
+        names = ("audio", "visual") if mode == "av" else (mode,)
         return Backbone(cfg.mae, dims, names, None, parents, None)
     path = Path(mae)
     ckpt = load_checkpoint(path, kind="mae")
@@ -165,6 +167,7 @@ def load_backbone(store: TokenStore, cfg: Config, mae: str | Path | None) -> Bac
         if dims.get(m) is not None and store_dims.get(m) != dims.get(m):
             raise FinetuneError(f"{path}: {m} codes of the MAE are {dims.get(m)}, the store "
                                 f"{store.path} has {store_dims.get(m)}")
-    names = ("audio", "visual") if mae_cfg.modalities == "av" else (mae_cfg.modalities,)
+    mode = mae_modalities(mae_cfg.modalities, [m for m in ("audio", "visual") if dims.get(m) is not None])
+    names = ("audio", "visual") if mode == "av" else (mode,)
     parents = {**ckpt["parents"], "mae": checkpoint_sha256(path)}
     return Backbone(mae_cfg, dims, names, ckpt["state_dict"], parents, str(path.resolve()))

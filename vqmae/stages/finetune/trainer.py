@@ -21,7 +21,7 @@ from vqmae import folds as folds_mod
 from vqmae.checkpoint import check_resume, load_checkpoint, restore_rng, save_checkpoint
 from vqmae.config import Config, FinetuneConfig
 from vqmae.models.classifier import EmotionModel, center_table, drop_modality, load_encoder, mean_center
-from vqmae.stages.finetune import baseline
+from vqmae.stages.finetune import baseline, egemaps
 from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, FinetuneError, pooled_windows,
                                         predict_clips, restrict)
 from vqmae.store import TokenStore
@@ -133,7 +133,8 @@ class Trainer:
     """Trains and tests units on one store; see the module docstring."""
 
     def __init__(self, store: TokenStore, cfg: Config, bb: Backbone, task: Task, run: Path,
-                 device: str, info: Dist, reporter: Reporter, noisy: Mapping[float, TokenStore]):
+                 device: str, info: Dist, reporter: Reporter, noisy: Mapping[float, TokenStore],
+                 workers: int = 1):
         self.store, self.cfg, self.bb, self.task, self.run = store, cfg, bb, task, run
         self.fcfg = cfg.finetune
         self.device, self.info, self.reporter = device, info, reporter
@@ -147,7 +148,8 @@ class Trainer:
         speakers = [str(x) for x in store.clips["speaker"].tolist()]
         self.group = np.unique(speakers, return_inverse=True)[1].astype(np.int64)  # speaker id per row
         self.teachers: dict[str, np.ndarray] = {}  # seed_key → teacher clip logits over all rows
-        self._token_features: dict[str, np.ndarray] | None = None  # the token baseline's, built once
+        self._features: dict[str, dict[str, np.ndarray]] = {}  # each baseline's, built once
+        self.workers = workers  # decoding processes for the eGeMAPS baseline
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -257,19 +259,17 @@ class Trainer:
             self.teachers[unit.seed_key] = self._teacher_logits(model, train)
         return res
 
-    def token_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> UnitResult:
-        """The bag-of-tokens baseline on this unit's clips (`vqmae.stages.finetune.baseline`): same folds, same
-        label subset, penalty chosen on the validation speakers, one model per test modality."""
+    def baseline_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> UnitResult:
+        """A linear baseline on this unit's clips (`vqmae.stages.finetune.baseline`): same folds,
+        same label subset, penalty chosen on the validation speakers. ``tokens``: the bag of tokens,
+        one model per test modality; ``egemaps``: eGeMAPS functionals z-scored per speaker, audio."""
         t0 = time.perf_counter()
-        if self._token_features is None:
-            rows = np.arange(self.store.n_clips)
-            self._token_features = {m: baseline.histogram_features(self.store, rows, m, self.fcfg.token_pool)
-                                    for m in self.bb.names}
+        features, modes = self._baseline_features(unit.variant)
         cw = self._class_weight(train)
-        metrics, outputs, val_uar = baseline.run_baseline(
-            self._token_features, self.y, len(self.task.names), train, val, test, self.modes(),
-            self.task.metrics, None if cw is None else cw.cpu().numpy())
-        res = UnitResult(unit=unit.name, metrics=metrics, best_epoch=0, val=val_uar, epochs=0,
+        metrics, outputs, val_score = baseline.run_baseline(
+            features, self.y, self.task, train, val, test, modes,
+            None if cw is None else cw.cpu().numpy(), name=unit.variant)
+        res = UnitResult(unit=unit.name, metrics=metrics, best_epoch=0, val=val_score, epochs=0,
                          seconds=time.perf_counter() - t0, n_train=len(train), n_val=len(val),
                          n_test=len(test))
         if self.info.main:
@@ -278,8 +278,21 @@ class Trainer:
             self._write_predictions(out_dir / "predictions.csv",
                                     [(mode, out, rows) for mode, (rows, out) in outputs.items()])
             atomic_write_json(out_dir / "result.json", res.to_dict())
-        log.info("%s: %s", unit.name, {m: round(v.get("uar", math.nan), 3) for m, v in metrics.items()})
+        key = self.task.select_key
+        log.info("%s: %s %s", unit.name, key, {m: round(v.get(key, math.nan), 3) for m, v in metrics.items()})
         return res
+
+    def _baseline_features(self, variant: str) -> tuple[dict[str, np.ndarray], list[str]]:
+        """{modality: float32 [n_clips, D]} and the test modes of a baseline, built once per run."""
+        if variant not in self._features:
+            rows = np.arange(self.store.n_clips)
+            if variant == "tokens":
+                self._features[variant] = {m: baseline.histogram_features(self.store, rows, m, self.fcfg.token_pool)
+                                           for m in self.bb.names}
+            else:
+                raw = egemaps.store_features(self.store, self.run, self.workers, self.reporter)
+                self._features[variant] = {"audio": egemaps.speaker_normalized(raw, self.group)}
+        return self._features[variant], self.modes() if variant == "tokens" else ["audio"]
 
     def _train_centers(self, model: EmotionModel, train: np.ndarray, audio_only: bool) -> torch.Tensor:
         """Each training speaker's mean pooled features per presence pattern (a center table):

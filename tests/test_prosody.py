@@ -1,0 +1,60 @@
+"""Pitch and energy read off power spectrograms, and the agreement measure the tokenizer evaluation
+prints: known tones recovered, noise unvoiced, a copy agrees perfectly, a flattened pitch does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vqmae.audio import power_spectrogram
+from vqmae.config import AudioConfig
+from vqmae.prosody import estimate_f0, frame_energy_db, prosody_agreement, voiced
+
+CFG = AudioConfig()
+SR = CFG.sample_rate
+
+
+def voice(f0: float, seconds: float = 1.0, vibrato: float = 0.1, seed: int = 0) -> np.ndarray:
+    """A harmonic voice-like tone gliding ±`vibrato` around `f0` (1/h harmonic amplitudes)."""
+    t = np.arange(int(SR * seconds)) / SR
+    f = f0 * (1 + vibrato * np.sin(2 * np.pi * 1.5 * t))
+    phase = 2 * np.pi * np.cumsum(f) / SR
+    x = sum(np.sin(h * phase) / h for h in range(1, 15))
+    return x + 0.01 * np.random.default_rng(seed).standard_normal(len(t)), f
+
+
+def power(x: np.ndarray) -> np.ndarray:
+    return power_spectrogram(torch.tensor(x, dtype=torch.float32), CFG).numpy()
+
+
+def test_f0_of_harmonic_tones_within_two_percent():
+    for f0 in (90.0, 150.0, 240.0, 420.0):
+        x, f = voice(f0)
+        est, strength = estimate_f0(power(x), CFG)
+        truth = f[np.clip(np.arange(len(est)) * CFG.hop_length, 0, len(f) - 1)]
+        rel = np.abs(est / truth - 1)[3:-3]  # edge frames see the signal's start and end
+        assert np.median(rel) < 0.02 and np.mean(rel < 0.05) > 0.9, (f0, np.median(rel))
+        assert voiced(power(x), strength)[3:-3].mean() > 0.9
+
+
+def test_noise_and_silence_are_unvoiced():
+    noise = np.random.default_rng(1).standard_normal(SR)
+    p = power(noise)
+    assert voiced(p, estimate_f0(p, CFG)[1]).mean() < 0.05
+    x, _ = voice(150.0)
+    x[: SR // 2] *= 1e-4  # 70 dB quieter: silence next to the voice
+    p = power(x)
+    v = voiced(p, estimate_f0(p, CFG)[1])
+    assert v[:20].mean() < 0.1 and v[30:-3].mean() > 0.9
+    np.testing.assert_allclose(frame_energy_db(p[30:31]), 10 * np.log10(p[30].astype(np.float64).sum()), rtol=1e-9)
+
+
+def test_agreement_of_a_copy_and_of_a_flattened_pitch():
+    x = np.concatenate([voice(f0, 0.5, seed=i)[0] for i, f0 in enumerate((110.0, 160.0, 230.0, 300.0))])
+    p = power(x)
+    same = prosody_agreement(p, p, CFG)
+    assert same["f0_corr"] > 0.999 and same["energy_corr"] > 0.999 and same["f0_within_5pct"] == 1.0
+    assert same["voiced_frames"] > 0.8 * len(p)
+    flat = power(voice(180.0, len(x) / SR, vibrato=0.0)[0])[: len(p)]  # same loudness, one pitch
+    moved = prosody_agreement(p, flat, CFG)
+    assert not moved["f0_corr"] > 0.3 and moved["f0_within_5pct"] < 0.3  # NaN: a constant pitch
