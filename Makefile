@@ -13,7 +13,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth speech-deps speech-corpus speech-demo ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
 
 install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,28 @@ test-slow:  ## the long tests excluded from `make test`
 
 synth:
 	$(BIN)/vqmae synth $(DATA) --preset $(PRESET) --force
+
+SPEECH ?= $(DEMO)/speech
+SPEECH_PACKAGES := festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+
+speech-deps:  ## what the speech corpus needs: festival and three voices (Debian packages), praat-parselmouth
+	@command -v text2wave > /dev/null || { echo "installing $(SPEECH_PACKAGES) (apt-get)"; \
+		apt-get install -y -q $(SPEECH_PACKAGES) > /dev/null || sudo apt-get install -y -q $(SPEECH_PACKAGES); }
+	$(BIN)/python -m pip install -q -e '.[speech]'
+
+speech-corpus: speech-deps  ## the second evaluation corpus (festival voices acting emotion through prosody, noisy twins at 10 / 0 dB) into SPEECH
+	$(BIN)/vqmae synth $(SPEECH) --kind speech --workers $(WORKERS) --force
+
+SPEECH_STORE ?= $(DEMO)/speech.zarr
+SPEECH_RUN ?= runs/speech
+
+speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines)
+	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_RUN)
+	$(BIN)/vqmae tokenize $(SPEECH) --out $(SPEECH_STORE) --preset $(PRESET) --workers $(WORKERS) \
+		--device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize
+	$(BIN)/vqmae pretrain $(SPEECH_STORE) --preset $(PRESET) --device $(DEVICE) --run-dir $(SPEECH_RUN)/pretrain
+	$(BIN)/vqmae finetune $(SPEECH_STORE) --mae $(SPEECH_RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
+		--folds 5 --label-fraction 0.1,1 --run $(SPEECH_RUN)/finetune
 
 ingest:  ## decode + crop every clip, list failures (a dry run of tokenize's decoding)
 	$(BIN)/vqmae ingest $(DATA) --face $(FACE) --preset $(PRESET) --workers $(WORKERS) --run-dir $(RUN)/ingest

@@ -20,10 +20,19 @@ def synth(
     set_: SetOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: CPU count; 1 = in-process).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty OUT, replacing an earlier corpus there.")] = False,
+    kind: Annotated[str, typer.Option(help="demo: talking faces (synth.* settings); speech: festival voices acting emotion through prosody, with noisy twins OUT_snr10 / OUT_snr0 (needs `make speech-corpus`'s packages).")] = "demo",
+    speakers: Annotated[int, typer.Option(help="--kind speech: speakers (voice conversions of 3 festival voices).")] = 10,
+    clips: Annotated[int, typer.Option(help="--kind speech: clips per speaker.")] = 24,
+    seed: Annotated[int, typer.Option(help="--kind speech: seed.")] = 0,
     verbose: bool = False,
 ) -> None:
-    """Generate the seeded demo corpus: emotion in the voice and in the face (see synth.* settings)."""
+    """Generate a seeded corpus: the demo (emotion in the voice and in the face) or the speech corpus."""
     setup_logging(verbose)
+    if kind == "speech":
+        _speech(out, speakers, clips, seed, workers, force)
+        return
+    if kind != "demo":
+        raise typer.BadParameter(f"{kind!r}: expected demo or speech", param_hint="--kind")
     cfg = make_config(preset, set_)
     t0 = time.perf_counter()
     try:
@@ -35,6 +44,24 @@ def synth(
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     _print_summary(read_summary(out), manifest, time.perf_counter() - t0)
+
+
+def _speech(out: Path, speakers: int, clips: int, seed: int, workers: Optional[int], force: bool) -> None:
+    from vqmae.demo.speech import SpeechCorpusError, read_speech_summary, synthesize_speech
+
+    t0 = time.perf_counter()
+    try:
+        manifest = synthesize_speech(out, n_speakers=speakers, clips_per_speaker=clips, seed=seed,
+                                     workers=workers or 1, overwrite=force)
+    except SpeechCorpusError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    summary = read_speech_summary(out)
+    console.print(f"{summary['clips']} clips of {len(summary['speakers'])} speakers "
+                  f"({', '.join(e['name'] for e in summary['emotions'])}), seed {seed}, written in "
+                  f"{time.perf_counter() - t0:.1f} s")
+    console.print(f"manifest: {manifest}; noisy twins: "
+                  + ", ".join(f"{out}_snr{s:g}" for s in summary["noisy_snrs"]))
 
 
 def _progress() -> Progress:
