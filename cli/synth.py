@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.common import PresetOpt, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.demo import SynthError, read_summary, synthesize
+from vqmae.demo import SynthError, manifest_counts, read_summary, synthesize
 
 
 def synth(
@@ -75,7 +75,7 @@ def _print_summary(summary: dict, manifest: Path, elapsed: float) -> None:
     table.add_column("speaker")
     for label in labels:
         table.add_column(label, justify="right")
-    counts = _counts(manifest)
+    counts = manifest_counts(manifest)
     for speaker in sorted(summary["per_speaker"]):
         table.add_row(speaker, *(str(counts.get((speaker, lab), 0)) for lab in labels))
     table.add_row("[bold]total", *(f"[bold]{summary['per_label'].get(lab, 0)}" for lab in labels))
@@ -83,14 +83,3 @@ def _print_summary(summary: dict, manifest: Path, elapsed: float) -> None:
     console.print(f"{summary['total_seconds'] / 60:.1f} min of media, seed {summary['seed']}, "
                   f"written in {elapsed:.1f} s")
     console.print(f"manifest: {manifest}")
-
-
-def _counts(manifest: Path) -> dict[tuple[str, str], int]:
-    import csv
-
-    counts: dict[tuple[str, str], int] = {}
-    with open(manifest, newline="") as f:
-        for row in csv.DictReader(f):
-            key = (row["speaker"], row["label"])
-            counts[key] = counts.get(key, 0) + 1
-    return counts

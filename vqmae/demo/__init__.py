@@ -16,8 +16,8 @@ worker processes produce the same files as a serial run.
 """
 
 from vqmae.demo.corpus import (FORMAT, MANIFEST_COLUMNS, Clip, ClipParams, ClipRecord, ClipSpec, SynthError,
-                               clip_params, clip_rng, make_clip, manifest_bytes, plan, read_summary,
-                               synthesize, validate, write_clip)
+                               clip_params, clip_rng, make_clip, manifest_bytes, manifest_counts, plan,
+                               read_summary, synthesize, validate, write_clip)
 from vqmae.demo.face import FaceRenderer, mouth_box
 from vqmae.demo.profiles import EMOTIONS, FPS, Emotion, Speaker, make_speaker, speaker_name
 from vqmae.demo.voice import synth_voice
@@ -25,6 +25,6 @@ from vqmae.demo.voice import synth_voice
 __all__ = [
     "EMOTIONS", "FORMAT", "FPS", "MANIFEST_COLUMNS", "Clip", "ClipParams", "ClipRecord", "ClipSpec",
     "Emotion", "FaceRenderer", "Speaker", "SynthError", "clip_params", "clip_rng", "make_clip",
-    "make_speaker", "manifest_bytes", "mouth_box", "plan", "read_summary", "speaker_name", "synth_voice",
-    "synthesize", "validate", "write_clip",
+    "make_speaker", "manifest_bytes", "manifest_counts", "mouth_box", "plan", "read_summary", "speaker_name",
+    "synth_voice", "synthesize", "validate", "write_clip",
 ]

@@ -393,6 +393,16 @@ def _summary(cfg: SynthConfig, records: list[ClipRecord]) -> dict:
     }
 
 
+def manifest_counts(manifest: str | os.PathLike) -> dict[tuple[str, str], int]:
+    """{(speaker, label): clips} of a corpus manifest."""
+    counts: dict[tuple[str, str], int] = {}
+    with open(manifest, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["speaker"], row["label"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def read_summary(out_dir: str | os.PathLike) -> dict:
     """The `synth.json` of a corpus written by `synthesize`."""
     import json
