@@ -1,5 +1,5 @@
 """Stage 2 and 3 acceptance on the tiny demo corpus, through the CLI a user types (slow: about
-7 minutes on two CPU cores; `make test-slow`).
+9 minutes on two CPU cores; `make test-slow`).
 
 synth → tokenize → pretrain → finetune with a quarter of the labels, 4 speaker folds: the
 pretraining must learn more than each grid cell's most frequent code, and the model fine-tuned
