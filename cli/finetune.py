@@ -23,6 +23,7 @@ def finetune(
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="Run directory (default runs/finetune-<store name>); rerun to resume.")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Only the randomly initialised backbone (no MAE needed).")] = False,
     baseline: Annotated[bool, typer.Option(help="Also train the identical backbone from scratch, side by side.")] = True,
+    baselines: Annotated[bool, typer.Option(help="Also fit the bag-of-tokens and eGeMAPS baselines on the same folds.")] = True,
     task: Annotated[Optional[str], typer.Option(help="classify, multilabel or regress (valence/arousal/dominance, CCC).")] = None,
     protocol: Annotated[Optional[str], typer.Option(help="kfold, loso, or split (the store's split column).")] = None,
     folds: Annotated[Optional[int], typer.Option(help="Number of speaker folds for kfold.")] = None,
@@ -44,7 +45,7 @@ def finetune(
     flags = dict(task=task, protocol="split" if split_file else protocol, folds=folds, freeze=freeze,
                  pooling=pooling, label_fractions=label_fraction, noise_snrs=noise_snr,
                  distill=True if distill else None,
-                 inits="scratch" if from_scratch else None if baseline else "pretrained")
+                 inits=_inits(from_scratch, baseline, baselines))
     cfg = make_config(preset, [*(set_ or []), *(f"finetune.{k}={str(v).lower() if isinstance(v, bool) else v}"
                                                 for k, v in flags.items() if v is not None)])
     run = run_dir or Path("runs") / f"finetune-{store.name.removesuffix('.zarr')}"
@@ -59,6 +60,14 @@ def finetune(
     _print_summary(result.summary)
     console.print(f"report [bold]{run / 'report.md'}[/bold], summary {run / 'summary.json'}, "
                   f"plots {', '.join(p.name for p in sorted(run.glob('*.png')))}; models in {run / 'units'}")
+
+
+def _inits(from_scratch: bool, scratch: bool, baselines: bool) -> str | None:
+    """finetune.inits from the flags (None: the config's, which has all four)."""
+    if not from_scratch and scratch and baselines:
+        return None
+    models = ["scratch"] if from_scratch else ["pretrained", "scratch"] if scratch else ["pretrained"]
+    return ",".join(models + (["tokens", "egemaps"] if baselines else []))
 
 
 def _print_summary(summary: dict) -> None:

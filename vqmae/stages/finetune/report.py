@@ -63,7 +63,7 @@ def write_plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path,
     for variant in VARIANTS:
         # each unit's first test mode: av (audio for the audio-only variants and backbones)
         mats = [np.asarray(m["confusion"]) for u in units
-                if u.unit.startswith(f"{variant}/frac{largest:g}/")
+                if u.unit.startswith(f"{variant}/frac{largest:g}/") and u.metrics  # a skipped baseline has none
                 for m in [next(iter(u.metrics.values()))] if "confusion" in m]
         if mats:
             plots.confusion_png(np.sum(mats, 0), task.names, run / f"confusion_{variant}.png",
