@@ -44,13 +44,18 @@ speech-corpus: speech-deps  ## the second evaluation corpus (festival voices act
 SPEECH_STORE ?= $(DEMO)/speech.zarr
 SPEECH_RUN ?= runs/speech
 
-speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines)
-	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_RUN)
+speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines) → the fold models scored on the noisy twins
+	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_RUN) $(DEMO)/speech_snr*.zarr $(DEMO)/speech_snr*.zarr.parts
 	$(BIN)/vqmae tokenize $(SPEECH) --out $(SPEECH_STORE) --preset $(PRESET) --workers $(WORKERS) \
 		--device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize
 	$(BIN)/vqmae pretrain $(SPEECH_STORE) --preset $(PRESET) --device $(DEVICE) --run-dir $(SPEECH_RUN)/pretrain
 	$(BIN)/vqmae finetune $(SPEECH_STORE) --mae $(SPEECH_RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
 		--folds 5 --label-fraction 0.1,1 --run $(SPEECH_RUN)/finetune
+	for snr in 10 0; do \
+		$(BIN)/vqmae tokenize $(SPEECH)_snr$$snr --out $(DEMO)/speech_snr$$snr.zarr --tokenizers $(SPEECH_RUN)/tokenize/tokenizers \
+			--preset $(PRESET) --workers $(WORKERS) --device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize_snr$$snr && \
+		$(BIN)/vqmae evaluate $(SPEECH_RUN)/finetune $(DEMO)/speech_snr$$snr.zarr --device $(DEVICE) || exit 1; \
+	done
 
 ingest:  ## decode + crop every clip, list failures (a dry run of tokenize's decoding)
 	$(BIN)/vqmae ingest $(DATA) --face $(FACE) --preset $(PRESET) --workers $(WORKERS) --run-dir $(RUN)/ingest

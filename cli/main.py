@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth, tokenize
+from cli import evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth, tokenize
 
 app = typer.Typer(
     help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
@@ -18,6 +18,7 @@ app.command("ingest")(ingest.ingest)
 app.command("tokenize")(tokenize.tokenize)
 app.command("pretrain")(pretrain.pretrain)
 app.command("finetune")(finetune.finetune)
+app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("inspect")(inspect.inspect)

@@ -264,3 +264,32 @@ def test_audio_only_store_pretrains_and_finetunes_with_defaults(tmp_path):
     r = finetune(tmp_path / "a.zarr", cfg, tmp_path / "ft", mae=tmp_path / "pre" / "mae.pt")
     assert {row["eval"] for row in r.summary["rows"]} == {"audio"}
     assert {row["variant"] for row in r.summary["rows"]} == {"pretrained", "scratch"}
+
+
+def test_evaluate_on_a_noisy_twin_and_on_another_corpus(trained, tmp_path):
+    """`vqmae evaluate`: a twin (same clip ids) is scored fold by fold on each fold's own test clips;
+    a store lacking those ids is another corpus, scored whole by every fold model; a store made by
+    other tokenizers is refused."""
+    from vqmae.stages.finetune.evaluate import evaluate
+
+    tmp, store, _, result = trained
+    same = evaluate(tmp / "ft", store, tmp_path / "same")
+    assert same.protocol == "twin"
+    clean = {(r["variant"], r["eval"]): r["uar"]["mean"] for r in result.summary["rows"]}
+    for r in same.summary["rows"]:  # the same clips, the same models: the run's own test scores
+        assert r["folds"] == 4 and r["uar"]["mean"] == pytest.approx(clean[(r["variant"], r["eval"])], abs=1e-6)
+    noisy = make_store(tmp_path / "noisy.zarr", flip=0.6)  # same clip ids, most audio codes randomised
+    twin = evaluate(tmp / "ft", noisy, tmp_path / "noisy")
+    rows = {(r["variant"], r["eval"]): r["uar"]["mean"] for r in twin.summary["rows"]}
+    assert twin.protocol == "twin" and rows[("pretrained", "audio")] < clean[("pretrained", "audio")]
+    assert rows[("pretrained", "visual")] == pytest.approx(clean[("pretrained", "visual")], abs=1e-6)
+    assert (tmp_path / "noisy" / "report.md").read_text().startswith("# Evaluation of")
+    other = make_store(tmp_path / "other.zarr", per_speaker=4, seed=5)  # fewer clips: other ids
+    cross = evaluate(tmp / "ft", other, tmp_path / "other")
+    assert cross.protocol == "cross-corpus"
+    assert all(r["folds"] == 4 for r in cross.summary["rows"])
+    with pytest.raises(FinetuneError, match="audio_tokenizer mismatch"):
+        evaluate(tmp / "ft", make_store(tmp_path / "c.zarr", sha="c" * 64), tmp_path / "c")
+    res = CliRunner().invoke(app, ["evaluate", str(tmp / "ft"), str(noisy), "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "twin" in res.output and (tmp_path / "cli" / "summary.json").exists()

@@ -395,11 +395,13 @@ class LoadedClassifier:
 
 
 def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
-                    tokenizers: str | os.PathLike | None = None,
-                    hint: str = TOKENIZER_HINT) -> LoadedClassifier:
+                    tokenizers: str | os.PathLike | None = None, hint: str = TOKENIZER_HINT,
+                    with_tokenizers: bool = True) -> LoadedClassifier:
     """Rebuild a `classifier` checkpoint from what it recorded (never from today's flags) and its
     tokenizers (`resolve_tokenizers`: the recorded paths, or the directory `tokenizers`), checking
-    that their codebooks, grids and frame rates fit the model. Raises CheckpointError."""
+    that their codebooks, grids and frame rates fit the model. `with_tokenizers=False` skips them
+    (scoring a token store needs none: check the store with `check_parents`). Raises
+    CheckpointError."""
     path = Path(path)
     ckpt = load_checkpoint(path, kind="classifier")
     try:
@@ -419,6 +421,8 @@ def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
         raise CheckpointError(f"{path}: weights do not fit the model built from its stored config: "
                               f"{e}") from None
     parents = ckpt.get("parents") or {}
+    if not with_tokenizers:
+        return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, {}, ckpt)
     try:
         toks = resolve_tokenizers(path, {m: parents.get(f"{m}_tokenizer") for m in model.names},
                                   recorded=extra.get("tokenizers") or {}, directory=tokenizers,

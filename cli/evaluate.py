@@ -1,0 +1,48 @@
+"""`vqmae evaluate RUN STORE`: a finished fine-tuning run's fold models scored on another store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import RichReporter, console, err_console, setup_logging
+from vqmae.checkpoint import CheckpointError
+from vqmae.metrics import format_mean_std
+from vqmae.stages.finetune import FinetuneError
+from vqmae.stages.finetune.evaluate import EvaluateResult, evaluate as run_evaluate
+from vqmae.store import StoreError
+from vqmae.utils import resolve_device
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A finished `vqmae finetune` run directory.")],
+    store: Annotated[Path, typer.Argument(help="A token store made with the run's tokenizers: a twin of the training store (same clip ids, e.g. a noisy copy) or another corpus.")],
+    out: Annotated[Optional[Path], typer.Option(help="Where summary.json and report.md go (default RUN/evaluate/<store name>).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    verbose: bool = False,
+) -> None:
+    """Score the run's saved fold models on STORE, as fine-tuning scored its test clips."""
+    setup_logging(verbose)
+    try:
+        with RichReporter(console) as reporter:
+            result = run_evaluate(run, store, out, device=resolve_device(device), reporter=reporter)
+    except (StoreError, FinetuneError, CheckpointError, ValueError, FileNotFoundError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print(result)
+
+
+def _print(result: EvaluateResult) -> None:
+    s = result.summary
+    keys = s["metrics"]
+    table = Table(title=f"{s['task']['kind']} on {s['store']} ({result.protocol}), mean ± std over folds")
+    for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:
+        table.add_column(col, justify="right")
+    for r in s["rows"]:
+        table.add_row(r["variant"], f"{r['fraction']:.0%}", r["eval"],
+                      *[format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys])
+    console.print(table)
+    console.print(f"chance: {s['chance']}; report [bold]{result.out / 'report.md'}[/bold]")
