@@ -290,6 +290,18 @@ def test_evaluate_on_a_noisy_twin_and_on_another_corpus(trained, tmp_path):
     assert all(r["folds"] == 4 for r in cross.summary["rows"])
     with pytest.raises(FinetuneError, match="audio_tokenizer mismatch"):
         evaluate(tmp / "ft", make_store(tmp_path / "c.zarr", sha="c" * 64), tmp_path / "c")
+    # a run's saved baselines are scored too: the bag of tokens from the evaluated store's codes
+    cfg = load_config("tiny", OVERRIDES + ["finetune.inits=tokens", "finetune.epochs=1"])
+    finetune(store, cfg, tmp_path / "bl")
+    base_same = evaluate(tmp_path / "bl", store, tmp_path / "bl_same").summary["rows"]
+    garbled = make_store(tmp_path / "garbled.zarr", flip=1.0)  # every audio code random
+    base_noisy = {(r["variant"], r["eval"]): r["uar"]["mean"]
+                  for r in evaluate(tmp_path / "bl", garbled, tmp_path / "bl_noisy").summary["rows"]}
+    run_rows = json.loads((tmp_path / "bl" / "summary.json").read_text())["rows"]
+    assert {(r["variant"], r["eval"], round(r["uar"]["mean"], 6)) for r in base_same} == \
+        {(r["variant"], r["eval"], round(r["uar"]["mean"], 6)) for r in run_rows}
+    clean_tokens = {(r["variant"], r["eval"]): r["uar"]["mean"] for r in run_rows}
+    assert base_noisy[("tokens", "audio")] < 0.6 < clean_tokens[("tokens", "audio")]  # chance 1/3
     res = CliRunner().invoke(app, ["evaluate", str(tmp / "ft"), str(noisy), "--out", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
     assert "twin" in res.output and (tmp_path / "cli" / "summary.json").exists()

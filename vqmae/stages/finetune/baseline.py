@@ -20,9 +20,13 @@ Feature size per modality: (grid positions / pool^dims) × codebook size — 36 
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from vqmae.store import TokenStore
 from vqmae.tasks import Task
+from vqmae.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +70,51 @@ def _pooled_positions(grid: tuple[int, ...], pool: int) -> np.ndarray:
     return np.ravel_multi_index(tuple(idx), sizes).astype(np.int64)
 
 
+@dataclass
+class LinearModel:
+    """A fitted baseline: outputs = standardised features @ weight + bias (logits, or values)."""
+
+    mean: np.ndarray  # [D]
+    std: np.ndarray  # [D]
+    weight: np.ndarray  # [D, C]
+    bias: np.ndarray  # [C]
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        if self.weight.dtype == np.float32:  # logistic: fitted (and applied) in float32 torch
+            return ((torch.from_numpy((z - self.mean) / self.std) @ torch.from_numpy(self.weight))
+                    + torch.from_numpy(self.bias)).numpy()
+        return (((z - self.mean) / self.std) @ self.weight + self.bias).astype(np.float32)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("mean", "std", "weight", "bias")}
+
+    @classmethod
+    def from_arrays(cls, z: Mapping[str, np.ndarray], prefix: str) -> "LinearModel":
+        return cls(*(z[f"{prefix}.{k}"] for k in ("mean", "std", "weight", "bias")))
+
+
+BASELINE_FILE = "baseline.npz"  # a unit's fitted baseline models, beside its result.json
+
+
+def save_models(path: Path, variant: str, models: Mapping[str, LinearModel], task: Task,
+                token_pool: int) -> None:
+    """One unit's fitted models ({mode: LinearModel}) and what rebuilding their features needs."""
+    meta = {"variant": variant, "modes": list(models), "task": task.to_dict(), "token_pool": token_pool}
+    arrays = {k: v for mode, m in models.items() for k, v in m.arrays(mode).items()}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_models(path: Path) -> tuple[dict, dict[str, LinearModel]]:
+    """(meta, {mode: LinearModel}) of a unit's `baseline.npz`."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        return meta, {mode: LinearModel.from_arrays(z, mode) for mode in meta["modes"]}
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, penalty: float,
-                 class_weight: np.ndarray | None = None, max_iter: int = 200
-                 ) -> Callable[[np.ndarray], np.ndarray]:
+                 class_weight: np.ndarray | None = None, max_iter: int = 200) -> LinearModel:
     """Multinomial logistic regression on standardised features; → a function features → logits.
 
     x float32 [n, D], y int64 [n] in [0, n_classes). The penalty is ``penalty`` × ‖W‖² (bias free)."""
@@ -86,15 +133,10 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, penalty: float,
         return loss
 
     opt.step(closure)
-    w_, b_ = w.detach(), b.detach()
-
-    def logits(z: np.ndarray) -> np.ndarray:
-        return ((torch.from_numpy((z - mean) / std) @ w_) + b_).numpy()
-
-    return logits
+    return LinearModel(mean, std, w.detach().numpy(), b.detach().numpy())
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> Callable[[np.ndarray], np.ndarray]:
+def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> LinearModel:
     """Ridge regression on standardised features, one target column at a time on the rows where it
     is known; → a function features → values. x float32 [n, D], y float32 [n, T] (NaN = missing);
     the penalty is ``penalty`` × n × ‖w‖² (so it does not scale with the number of clips)."""
@@ -110,22 +152,21 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> Callable[[np.ndar
         gram = a.T @ a + penalty * len(a) * np.eye(a.shape[1])
         coef[:, j] = np.linalg.solve(gram, a.T @ (b - bias[j]))
 
-    def values(z: np.ndarray) -> np.ndarray:
-        return (((z - mean) / std) @ coef + bias).astype(np.float32)
-
-    return values
+    return LinearModel(mean, std, coef, bias)
 
 
 def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
                  train: np.ndarray, val: np.ndarray, test: np.ndarray, modes: Sequence[str],
                  class_weight: np.ndarray | None = None, name: str = "baseline"
-                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]], float]:
+                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]], float,
+                            dict[str, LinearModel]]:
     """Fit and test one linear model per mode: logistic regression for a single-label task, ridge
     regression for a task whose outputs are values.
 
     ``features``: {modality: float32 [n_clips_total, D]} indexed by table row, an all-zero row for a
     clip without it; ``train`` / ``val`` / ``test``: table rows. → ({mode: metrics}, {mode: (test
-    rows used, outputs)}, mean validation score (``task.select_key``) of the chosen penalties)."""
+    rows used, outputs)}, mean validation score (``task.select_key``) of the chosen penalties,
+    {mode: the fitted model})."""
     key = task.select_key
     if task.single_label:
         penalties = PENALTIES
@@ -135,17 +176,17 @@ def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
         fit = fit_ridge
     else:
         raise ValueError(f"{name}: task {task.kind!r} has no linear baseline")
-    metrics, outputs, vals = {}, {}, []
+    metrics, outputs, vals, models = {}, {}, [], {}
     for mode in modes:
         names = ("audio", "visual") if mode == "av" else (mode,)
         if any(m not in features for m in names):
             continue
 
-        def rows_with(rows, names=names):
-            return rows[np.all([features[m][rows].any(1) for m in names], 0)] if mode != "av" else rows
+        def rows_with(rows, mode=mode):
+            return usable_rows(features, rows, mode)
 
-        def feats(rows, names=names):
-            return np.concatenate([features[m][rows] for m in names], 1)
+        def feats(rows, mode=mode):
+            return mode_features(features, rows, mode)
 
         tr, va, te = rows_with(train), rows_with(val), rows_with(test)
         if (task.single_label and len(np.unique(y[tr])) < 2) or len(tr) < 2 or not len(te):
@@ -161,6 +202,23 @@ def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
         out = f(feats(te))
         metrics[mode] = {**task.metrics(y[te], out), "n_clips": int(len(te)), "penalty": best}
         outputs[mode] = (te, out)
+        models[mode] = f
         if math.isfinite(best_score):
             vals.append(best_score)
-    return metrics, outputs, float(np.mean(vals)) if vals else math.nan
+    return metrics, outputs, float(np.mean(vals)) if vals else math.nan, models
+
+
+def mode_names(mode: str) -> tuple[str, ...]:
+    return ("audio", "visual") if mode == "av" else (mode,)
+
+
+def usable_rows(features: Mapping[str, np.ndarray], rows: np.ndarray, mode: str) -> np.ndarray:
+    """The rows a mode's model can score: av takes every row (an absent modality is a zero block);
+    a single modality needs that modality's features (a non-zero row)."""
+    if mode == "av":
+        return rows
+    return rows[np.all([features[m][rows].any(1) for m in mode_names(mode)], 0)]
+
+
+def mode_features(features: Mapping[str, np.ndarray], rows: np.ndarray, mode: str) -> np.ndarray:
+    return np.concatenate([features[m][rows] for m in mode_names(mode)], 1)

@@ -8,6 +8,10 @@ token store made with the same tokenizers.
 - **Any other store** is another corpus. Its speakers are new to every model, so each fold's model
   scores all of its clips (cross-corpus).
 
+The saved baselines (`baseline.npz` of the bag-of-tokens and eGeMAPS units) are scored the same way:
+their features are recomputed from the evaluated store, and eGeMAPS reads the store's own media files,
+so a noisy twin's eGeMAPS features are the noisy audio's.
+
 Clips are scored exactly as `vqmae finetune` scored its test clips:
 
 - every non-overlapping window of a clip goes through the model, and the outputs are averaged per clip;
@@ -30,9 +34,11 @@ import numpy as np
 
 from vqmae import metrics as M
 from vqmae.checkpoint import ParentMismatchError, check_parents, load_classifier
+from vqmae.stages.finetune import baseline, egemaps
 from vqmae.stages.finetune.data import CKPT_NAME, EVAL_MODES, ClipWindows, FinetuneError, predict_clips
 from vqmae.stages.finetune.trainer import jsonable
 from vqmae.store import TokenStore
+from vqmae.tasks import task_from_dict
 from vqmae.training import Reporter
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
@@ -52,18 +58,20 @@ def evaluate(run_dir: str | Path, store_path: str | Path, out_dir: str | Path | 
     """Score every saved classifier of the fine-tuning run at `run_dir` on `store_path` (see the
     module docstring); writes and returns the summary and the markdown report."""
     run, store = Path(run_dir), TokenStore.open(store_path)
+    dest = Path(out_dir) if out_dir is not None else run / "evaluate" / store.path.name.removesuffix(".zarr")
     units = sorted((run / "units").glob(f"*/frac*/*/{CKPT_NAME}"))
-    if not units:
-        raise FinetuneError(f"{run}: no saved classifier (units/<variant>/frac<f>/<fold>/{CKPT_NAME}); is it "
-                            f"a finished `vqmae finetune` run?")
+    fitted = sorted((run / "units").glob(f"*/frac*/*/{baseline.BASELINE_FILE}"))
+    if not units and not fitted:
+        raise FinetuneError(f"{run}: no saved model (units/<variant>/frac<f>/<fold>/{CKPT_NAME} or "
+                            f"{baseline.BASELINE_FILE}); is it a finished `vqmae finetune` run?")
     ids = {str(c): i for i, c in enumerate(store.clips["clip_id"].tolist())}
     ok = np.asarray(store.clips["status"]) == "ok"
-    tested = {u: _tested_ids(u.parent) for u in units}
+    tested = {u: _tested_ids(u.parent) for u in units + fitted}
     twin = all(cid in ids for clip_ids in tested.values() for cid in clip_ids)
     speakers = [str(s) for s in store.clips["speaker"].tolist()]
     groups = np.unique(speakers, return_inverse=True)[1].astype(np.int64)
     per: dict[tuple[str, str, str], list[dict[str, float]]] = {}
-    task = None
+    task = task_from_dict(baseline.load_models(fitted[0])[0]["task"]) if fitted else None
     reporter.start("evaluate", len(units))
     for path in units:
         loaded = load_classifier(path, device=device, with_tokenizers=False)
@@ -82,18 +90,56 @@ def evaluate(run_dir: str | Path, store_path: str | Path, out_dir: str | Path | 
             scored = rows if mode == "av" else rows[data.has(mode, rows)]
             if not len(scored):
                 continue
-            out, _, _ = predict_clips(model, data, scored, mode, device, batch_size, groups)
-            metrics = task.metrics(task.targets(store.clips, scored), out)
+            outputs, _, _ = predict_clips(model, data, scored, mode, device, batch_size, groups)
+            metrics = task.metrics(task.targets(store.clips, scored), outputs)
             keep = {k: metrics[k] for k in task.key_metrics if metrics.get(k) is not None}
             per.setdefault((variant, frac, mode), []).append({**keep, "n_clips": len(scored)})
         reporter.advance("evaluate")
     reporter.finish("evaluate")
+    features = _Features(store, dest, groups)
+    for path in fitted:
+        meta, models = baseline.load_models(path)
+        rows = np.array(sorted(ids[c] for c in tested[path]), np.int64) if twin \
+            else np.flatnonzero(ok).astype(np.int64)
+        y = task.targets(store.clips, rows)
+        rows = rows[task.has_target(y) & ok[rows]]
+        variant, frac, _ = path.parent.relative_to(run / "units").parts
+        feats = features.get(meta)
+        for mode, model in models.items():
+            scored = baseline.usable_rows(feats, rows, mode)
+            if not len(scored):
+                continue
+            outputs = model(baseline.mode_features(feats, scored, mode))
+            metrics = task.metrics(task.targets(store.clips, scored), outputs)
+            keep = {k: metrics[k] for k in task.key_metrics if metrics.get(k) is not None}
+            per.setdefault((variant, frac, mode), []).append({**keep, "n_clips": len(scored)})
     protocol = "twin" if twin else "cross-corpus"
     summary, report = _summarise(per, task, run, store, protocol)
-    out = Path(out_dir) if out_dir is not None else run / "evaluate" / store.path.name.removesuffix(".zarr")
-    atomic_write_json(out / "summary.json", jsonable(summary))
-    atomic_write_bytes(out / "report.md", report.encode())
-    return EvaluateResult(out, protocol, summary, report)
+    atomic_write_json(dest / "summary.json", jsonable(summary))
+    atomic_write_bytes(dest / "report.md", report.encode())
+    return EvaluateResult(dest, protocol, summary, report)
+
+
+class _Features:
+    """Each baseline's features of the evaluated store, computed once: code histograms from its codes,
+    eGeMAPS from its clips' media (a noisy twin's noisy files), z-scored per speaker."""
+
+    def __init__(self, store: TokenStore, cache_dir: Path, groups: np.ndarray):
+        self.store, self.cache_dir, self.groups = store, cache_dir, groups
+        self.done: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def get(self, meta: dict) -> dict[str, np.ndarray]:
+        names = sorted({m for mode in meta["modes"] for m in baseline.mode_names(mode)})
+        key = (meta["variant"], meta["token_pool"], tuple(names))
+        if key not in self.done:
+            rows = np.arange(self.store.n_clips)
+            if meta["variant"] == "tokens":
+                self.done[key] = {m: baseline.histogram_features(self.store, rows, m, meta["token_pool"])
+                                  for m in names}
+            else:
+                raw = egemaps.store_features(self.store, self.cache_dir)
+                self.done[key] = {"audio": egemaps.speaker_normalized(raw, self.groups)}
+        return self.done[key]
 
 
 def _tested_ids(unit_dir: Path) -> set[str]:

@@ -266,7 +266,7 @@ class Trainer:
         t0 = time.perf_counter()
         features, modes = self._baseline_features(unit.variant)
         cw = self._class_weight(train)
-        metrics, outputs, val_score = baseline.run_baseline(
+        metrics, outputs, val_score, models = baseline.run_baseline(
             features, self.y, self.task, train, val, test, modes,
             None if cw is None else cw.cpu().numpy(), name=unit.variant)
         res = UnitResult(unit=unit.name, metrics=metrics, best_epoch=0, val=val_score, epochs=0,
@@ -277,6 +277,9 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._write_predictions(out_dir / "predictions.csv",
                                     [(mode, out, rows) for mode, (rows, out) in outputs.items()])
+            if models:  # `vqmae evaluate` scores them on other stores
+                baseline.save_models(out_dir / baseline.BASELINE_FILE, unit.variant, models, self.task,
+                                     self.fcfg.token_pool)
             atomic_write_json(out_dir / "result.json", res.to_dict())
         key = self.task.select_key
         log.info("%s: %s %s", unit.name, key, {m: round(v.get(key, math.nan), 3) for m, v in metrics.items()})
