@@ -69,3 +69,18 @@ class RichReporter:
         task = self.tasks[name]
         total = next(t.total for t in self.progress.tasks if t.id == task)
         self.progress.update(task, completed=total)
+
+
+def results_table(title: str, rows: list[dict], keys: list[str]):
+    """A fine-tuning or evaluation summary's rows (mean ± std over folds) as a rich table."""
+    from rich.table import Table
+
+    from vqmae.metrics import format_mean_std
+
+    table = Table(title=title)
+    for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["variant"], f"{r['fraction']:.0%}", r["eval"],
+                      *[format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys])
+    return table

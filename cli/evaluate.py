@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from cli.common import RichReporter, console, err_console, setup_logging
+from cli.common import RichReporter, console, err_console, results_table, setup_logging
 from vqmae.checkpoint import CheckpointError
-from vqmae.metrics import format_mean_std
 from vqmae.stages.finetune import FinetuneError
 from vqmae.stages.finetune.evaluate import EvaluateResult, evaluate as run_evaluate
 from vqmae.store import StoreError
@@ -37,12 +35,6 @@ def evaluate(
 
 def _print(result: EvaluateResult) -> None:
     s = result.summary
-    keys = s["metrics"]
-    table = Table(title=f"{s['task']['kind']} on {s['store']} ({result.protocol}), mean ± std over folds")
-    for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:
-        table.add_column(col, justify="right")
-    for r in s["rows"]:
-        table.add_row(r["variant"], f"{r['fraction']:.0%}", r["eval"],
-                      *[format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys])
-    console.print(table)
+    console.print(results_table(f"{s['task']['kind']} on {s['store']} ({result.protocol}), mean ± std over folds",
+                                s["rows"], s["metrics"]))
     console.print(f"chance: {s['chance']}; report [bold]{result.out / 'report.md'}[/bold]")

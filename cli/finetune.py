@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
+from cli.common import (PresetOpt, RichReporter, SetOpt, console, err_console, make_config, results_table,
+                        setup_logging)
 from vqmae.checkpoint import CheckpointError
 from vqmae.encoding import TokenizeError
 from vqmae.stages.finetune import FinetuneError, finetune as run_finetune
-from vqmae.metrics import format_mean_std
 from vqmae.store import StoreError
 from vqmae.utils import resolve_device
 
@@ -71,14 +70,7 @@ def _inits(from_scratch: bool, scratch: bool, baselines: bool) -> str | None:
 
 
 def _print_summary(summary: dict) -> None:
-    task = summary["task"]
-    keys = summary["metrics"]
-    table = Table(title=f"{task['kind']} — {summary['folds']} speaker-independent folds "
-                        f"({summary['protocol']}), mean ± std over folds")
-    for col in ["variant", "labels", "eval", *[k.upper() for k in keys]]:
-        table.add_column(col, justify="right")
-    for r in summary["rows"]:
-        table.add_row(r["variant"], f"{r['fraction']:.0%}", r["eval"],
-                      *[format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys])
-    console.print(table)
+    console.print(results_table(f"{summary['task']['kind']} — {summary['folds']} speaker-independent folds "
+                                f"({summary['protocol']}), mean ± std over folds", summary["rows"],
+                                summary["metrics"]))
     console.print(f"chance: {summary['chance']}")

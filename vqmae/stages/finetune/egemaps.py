@@ -17,6 +17,7 @@ then leaves that clip out, and the log says how many were left out.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from vqmae.isolate import isolated_map
 from vqmae.media import MediaError, read_audio
 from vqmae.store import TokenStore
 from vqmae.training import Reporter
+from vqmae.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,6 @@ def _read_cache(cache_dir: Path | None, ids: list[str]) -> np.ndarray | None:
 
 
 def _write_cache(cache_dir: Path, ids: list[str], feats: np.ndarray) -> None:
-    import io
-
-    from vqmae.utils import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, clip_id=np.array(ids), features=feats)
     atomic_write_bytes(Path(cache_dir) / CACHE, buf.getvalue())

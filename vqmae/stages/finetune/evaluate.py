@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from vqmae import metrics as M
 from vqmae.checkpoint import ParentMismatchError, check_parents, load_classifier
 from vqmae.stages.finetune import baseline, egemaps
 from vqmae.stages.finetune.data import CKPT_NAME, EVAL_MODES, ClipWindows, FinetuneError, predict_clips
+from vqmae.stages.finetune.report import aggregate_rows, markdown_table
 from vqmae.stages.finetune.trainer import jsonable
 from vqmae.store import TokenStore
 from vqmae.tasks import task_from_dict
@@ -156,24 +156,15 @@ def _modes(names: tuple[str, ...], wanted: tuple[str, ...]) -> list[str]:
 
 def _summarise(per, task, run: Path, store: TokenStore, protocol: str) -> tuple[dict[str, Any], str]:
     keys = task.key_metrics
-    rows = []
-    for (variant, frac, mode), folds in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0],
-                                                                           EVAL_MODES.index(kv[0][2]))):
-        agg = M.aggregate(folds)
-        rows.append({"variant": variant, "fraction": float(frac.removeprefix("frac")), "eval": mode,
-                     "folds": len(folds), **{k: agg.get(k) for k in keys}})
+    groups = {(v, float(frac.removeprefix("frac")), mode): folds for (v, frac, mode), folds in per.items()}
+    rows = aggregate_rows(groups, keys)
     summary = {"run": str(run), "store": str(store.path), "protocol": protocol, "task": task.to_dict(),
                "metrics": keys, "rows": rows, "chance": task.chance}
     what = ("each fold's model on its own test clips" if protocol == "twin"
             else "every fold's model on every clip of the store")
     lines = [f"# Evaluation of {run} on {store.path}", "",
              f"{protocol}: {what}; mean ± std over folds. Chance: {task.chance}.", "",
-             "| variant | labels | eval | folds | " + " | ".join(k.upper() for k in keys) + " |",
-             "|---|---|---|---|" + "---|" * len(keys)]
-    for r in rows:
-        cells = [M.format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys]
-        lines.append(f"| {r['variant']} | {r['fraction']:.0%} | {r['eval']} | {r['folds']} | "
-                     + " | ".join(cells) + " |")
+             *markdown_table(rows, keys)]
     return summary, "\n".join(lines) + "\n"
 
 

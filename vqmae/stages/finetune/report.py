@@ -24,12 +24,7 @@ def summarize(units: Sequence[UnitResult], cfg: Config, task: Task, fold_list, r
         for ev, m in u.metrics.items():
             groups.setdefault((variant, float(frac[4:]), ev), []).append(
                 {k: m.get(k) for k in keys + ["n_clips"] if m.get(k) is not None})
-    rows = []
-    for (variant, frac, ev), per_fold in sorted(groups.items(), key=lambda kv: (
-            kv[0][1], VARIANTS.index(kv[0][0]), _eval_order(kv[0][2]))):
-        agg = M.aggregate(per_fold)
-        rows.append({"variant": variant, "fraction": frac, "eval": ev, "folds": len(per_fold),
-                     **{k: agg.get(k) for k in keys}})
+    rows = aggregate_rows(groups, keys)
     chance = task.chance
     summary = {"task": task.to_dict(), "metrics": keys, "protocol": cfg.finetune.protocol, "folds": len(fold_list),
                "mae": bb.mae_path, "rows": rows, "chance": chance,
@@ -41,13 +36,32 @@ def summarize(units: Sequence[UnitResult], cfg: Config, task: Task, fold_list, r
                 "clips) are subtracted before the head (finetune.speaker_norm)." if cfg.finetune.speaker_norm
                 else ""),
              f"MAE: {bb.mae_path or '(none: from scratch)'}. Chance: {chance}.", "",
-             "| variant | labels | eval | folds | " + " | ".join(k.upper() for k in keys) + " |",
+             *markdown_table(rows, keys)]
+    return summary, "\n".join(lines) + "\n"
+
+
+def aggregate_rows(groups: dict[tuple[str, float, str], list[dict[str, float]]],
+                   keys: Sequence[str]) -> list[dict[str, Any]]:
+    """{(variant, fraction, eval): per-fold metrics} → report rows with mean ± std over folds, in
+    the report's order (fraction, variant, eval mode)."""
+    rows = []
+    for (variant, frac, ev), per_fold in sorted(groups.items(), key=lambda kv: (
+            kv[0][1], VARIANTS.index(kv[0][0]), _eval_order(kv[0][2]))):
+        agg = M.aggregate(per_fold)
+        rows.append({"variant": variant, "fraction": frac, "eval": ev, "folds": len(per_fold),
+                     **{k: agg.get(k) for k in keys}})
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The report rows as markdown table lines."""
+    lines = ["| variant | labels | eval | folds | " + " | ".join(k.upper() for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]
     for r in rows:
         cells = [M.format_mean_std(r[k]) if r.get(k) else "n/a" for k in keys]
         lines.append(f"| {r['variant']} | {r['fraction']:.0%} | {r['eval']} | {r['folds']} | "
                      + " | ".join(cells) + " |")
-    return summary, "\n".join(lines) + "\n"
+    return lines
 
 
 def _eval_order(ev: str) -> tuple[int, str]:
