@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqmae.models.classifier import (EmotionModel, center_table, drop_modality, load_encoder, mean_center,
-                              presence_pattern)
+                                     presence_pattern, segment_pool)
 from vqmae.config import MAEConfig
 from vqmae.models.layout import MAEDims, ModalityDims
 from vqmae.models.mae import MAEModel
@@ -139,3 +139,47 @@ def test_top_level_api_resolves_every_export():
         assert callable(getattr(vqmae, name)), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vqmae.nope  # noqa: B018
+
+
+def test_segment_pool_is_a_softmax_within_each_segment():
+    g = torch.Generator().manual_seed(0)
+    x, score = torch.randn(7, 5, generator=g), torch.randn(7, generator=g)
+    seg = torch.tensor([2, 0, 2, 2, 0, 3, 3])
+    ok = torch.tensor([True, True, True, False, True, False, False])  # segment 3: nothing present
+    out, present = segment_pool(x, ok, score, seg, 4)
+    assert present.tolist() == [True, False, True, False]
+    for s in (0, 2):
+        rows = (seg == s) & ok
+        w = torch.softmax(score[rows], 0)
+        torch.testing.assert_close(out[s], (w[:, None] * x[rows]).sum(0))
+    assert out[1].abs().sum() == 0 and out[3].abs().sum() == 0
+    mean, _ = segment_pool(x, ok, None, seg, 4)
+    torch.testing.assert_close(mean[2], x[[0, 2]].mean(0))
+    big, _ = segment_pool(x, ok, score + 200.0, seg, 4)  # no overflow (exp(200) is inf in float32)
+    torch.testing.assert_close(big, out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_pooling", ["attention", "mean"])
+def test_clip_outputs_pool_windows_of_each_clip(clip_pooling):
+    """A clip's output depends on its own windows only, not on their order or on other clips in
+    the batch; a one-window clip's output is that window's."""
+    torch.manual_seed(0)
+    model = EmotionModel(CFG, DIMS, 3, clip_pooling=clip_pooling).eval()
+    with torch.no_grad():
+        model.clip_pool["audio"].query.normal_() if clip_pooling == "attention" else None
+        x = batch(5, seed=3)
+        clip = torch.tensor([0, 0, 1, 0, 2])
+        out = model(x, clip=clip, n_clips=3)
+        assert out.shape == (3, 3)
+        torch.testing.assert_close(out[1], model({k: v[2:3] for k, v in x.items()})[0])
+        order = torch.tensor([3, 1, 0])  # clip 0's windows, shuffled, alone in a batch
+        alone = model({k: v[order] for k, v in x.items()}, clip=torch.zeros(3, dtype=torch.long), n_clips=1)
+        torch.testing.assert_close(alone[0], out[0], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out[0], model({k: v[:1] for k, v in x.items()})[0])
+        # a window whose video is absent does not take part in the clip's visual vector
+        v, p = model.pooled(drop_modality(x, "visual", torch.tensor([False, True, False, False, False])))
+        cv, cp = model.clip_pooled(v, p, clip, 3)
+        v0, _ = model.pooled({k: val[[0, 3]] for k, val in x.items()})
+        ref, _ = model.clip_pooled(v0, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 1)
+        torch.testing.assert_close(cv[0, 1], ref[0, 1], rtol=1e-4, atol=1e-5)
+        assert cp.all()

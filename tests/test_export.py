@@ -83,7 +83,7 @@ def clip_scores(wave, faces):
         pad = c.new_zeros((n_win * t - len(c), *c.shape[1:]))
         inputs += [torch.cat([c, pad]).reshape(n_win, t, *c.shape[1:]),
                    (torch.arange(n_win * t) < len(c)).reshape(n_win, t)]
-    return torch.softmax(ts["classifier.ts"](*inputs).mean(0), -1)
+    return torch.softmax(ts["classifier.ts"](*inputs)[0], -1)
 
 
 for key in [k for k in calls if k.startswith("clip")]:
@@ -159,8 +159,8 @@ def _eager(model, x):
     batch = {}
     for i, m in enumerate(model.names):
         batch[m], batch[f"{m}_valid"] = x[2 * i], x[2 * i + 1]
-    with torch.no_grad():
-        return model(batch)
+    with torch.no_grad():  # the windows of one clip → the clip's outputs [1, C]
+        return model(batch, clip=torch.zeros(len(x[0]), dtype=torch.long, device=x[0].device), n_clips=1)
 
 
 def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
@@ -180,7 +180,7 @@ def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
     got = _plain(result.out_dir, {"direct": direct}, tmp_path)
     for key in ("mixed", "audio_only"):
         want = _eager(p.model, direct[key][1])
-        assert got[key].shape == want.shape == (len(want), 2) and got[key].dtype == torch.float32
+        assert got[key].shape == want.shape == (1, 2) and got[key].dtype == torch.float32
         assert (got[key] - want).abs().max() <= TOLERANCE
     # an absent modality really is absent: the learned `absent` vector, whatever its codes say
     scrambled = (*audio_only[:2], torch.randint(0, 64, audio_only[2].shape), audio_only[3])
@@ -194,7 +194,7 @@ def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
 
 
 def test_plain_pytorch_pipeline_reproduces_vqmae_predict(built, tmp_path):
-    """Wave + faces → codes → windows → averaged softmax with torch and export.json alone gives
+    """Wave + faces → codes → the clip's windows → softmax of the clip's outputs with torch and export.json alone gives
     `Predictor.predict`'s scores for the same arrays."""
     _, av, _, _, result = built
     rng = np.random.default_rng(3)
@@ -241,7 +241,7 @@ def test_export_json_describes_every_file(built):
     sig = [(x["name"], x["dtype"], x["shape"]) for x in files["classifier.ts"]["inputs"]]
     assert sig == [("audio", "int64", ["B", TA, K_A]), ("audio_valid", "bool", ["B", TA]),
                    ("visual", "int64", ["B", TV, *GRID_V]), ("visual_valid", "bool", ["B", TV])]
-    assert files["classifier.ts"]["outputs"][0]["shape"] == ["B", 2]
+    assert files["classifier.ts"]["outputs"][0]["shape"] == [1, 2]
     def io(name):
         return [(x["dtype"], x["shape"]) for x in files[name]["inputs"] + files[name]["outputs"]]
 

@@ -413,8 +413,11 @@ def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
     except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
                               f"unreadable); was it written by `vqmae finetune`?") from None
+    if "clip_pooling" not in dict(ckpt["config"].get("finetune") or {}):
+        raise CheckpointError(f"{path}: a classifier from before clip-level scoring (it averaged "
+                              f"per-window outputs); fine-tune it again with this version")
     model = EmotionModel(mae_cfg, dims, len(task.names), cfg.finetune.pooling, cfg.finetune.dropout,
-                         speaker_norm="center" in ckpt["state_dict"])
+                         speaker_norm="center" in ckpt["state_dict"], clip_pooling=cfg.finetune.clip_pooling)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -15,6 +15,13 @@ visible patches into one `[B, width]` vector:
 * ``cls``: a learned class token attends to the patches through one extra transformer block
   (class attention, as in CaiT).
 
+Clips: a clip longer than one window is several windows, each encoded on its own; each modality's
+window vectors are then pooled into one clip vector by a learned *clip pooling* (``attention``: a
+learned query scores every window of the clip, softmax over the windows where the modality is
+present; ``mean``: their average), and the head scores the clip vector. The windows of a batch are
+flattened; ``clip`` `[n_windows]` says which clip each belongs to. A one-window clip's vector is its
+window's, so per-window outputs (prediction timelines) are the head applied to each window alone.
+
 A modality with no visible patch in a window (an audio-only clip, or a modality dropped at train
 time or absent at test time) is represented by a learned *absent* vector instead, so one
 audiovisual model scores audio alone, video alone, or both. The pooled vectors are concatenated in
@@ -46,6 +53,7 @@ from vqmae.models.transformer import Block
 # Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
 DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
 POOLINGS = ("attention", "mean", "cls")
+CLIP_POOLINGS = ("attention", "mean")
 
 
 class Pool(nn.Module):
@@ -81,6 +89,47 @@ class Pool(nn.Module):
         return self.norm(self.block(seq, key)[:, 0]), present
 
 
+def segment_pool(x: torch.Tensor, ok: torch.Tensor, score: torch.Tensor | None, seg: torch.Tensor,
+                 n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `x` `[n, D]` pooled per segment `seg` `[n]` (ids < n_seg) over the rows where `ok` `[n]`:
+    a softmax of `score` `[n]` within each segment (None: a plain mean) → `[n_seg, D]`, and which
+    segments had any `ok` row `[n_seg]` (their output is 0 otherwise). Memory is linear in n."""
+    okf = ok.to(x.dtype)
+    if score is None:
+        e = okf
+    else:
+        s = score.float().masked_fill(~ok, float("-inf"))
+        top = torch.full((n_seg,), float("-inf"), device=x.device).scatter_reduce(0, seg, s, "amax")
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(s - top[seg]).to(x.dtype) * okf
+    den = torch.zeros(n_seg, dtype=x.dtype, device=x.device).index_add(0, seg, e)
+    w = e / den[seg].clamp_min(1e-12)
+    out = torch.zeros(n_seg, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, seg, x * w[:, None])
+    count = torch.zeros(n_seg, dtype=torch.int64, device=x.device).index_add(0, seg, ok.long())
+    return out, count > 0
+
+
+class ClipPool(nn.Module):
+    """Window vectors `[n, D]` of one modality + present `[n]` + clip ids `[n]` → clip vectors
+    `[n_clips, D]` and present `[n_clips]` (see the module doc)."""
+
+    def __init__(self, width: int, kind: str):
+        super().__init__()
+        if kind not in CLIP_POOLINGS:
+            raise ValueError(f"clip pooling {kind!r}: expected one of {list(CLIP_POOLINGS)}")
+        self.kind = kind
+        if kind == "attention":
+            self.norm = nn.LayerNorm(width)
+            self.query = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor, clip: torch.Tensor,
+                n_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+        score = None
+        if self.kind == "attention":
+            score = self.norm(x) @ self.query.to(x.dtype) / x.shape[-1] ** 0.5
+        return segment_pool(x, present, score, clip, n_clips)
+
+
 class EmotionModel(nn.Module):
     """MAE encoder → per-modality pooling → linear head. Pure: no I/O.
 
@@ -89,7 +138,8 @@ class EmotionModel(nn.Module):
     """
 
     def __init__(self, mae_cfg: MAEConfig, dims: MAEDims | Mapping[str, Any], n_outputs: int,
-                 pooling: str = "attention", dropout: float = 0.0, speaker_norm: bool = False):
+                 pooling: str = "attention", dropout: float = 0.0, speaker_norm: bool = False,
+                 clip_pooling: str = "attention"):
         super().__init__()
         if n_outputs < 1:
             raise ValueError(f"n_outputs={n_outputs} must be positive")
@@ -99,6 +149,7 @@ class EmotionModel(nn.Module):
         self.names = self.backbone.names
         w = mae_cfg.width
         self.pool = nn.ModuleDict({m: Pool(w, pooling, mae_cfg.heads) for m in self.names})
+        self.clip_pool = nn.ModuleDict({m: ClipPool(w, clip_pooling) for m in self.names})
         self.absent = nn.ParameterDict({m: nn.Parameter(torch.zeros(w)) for m in self.names})
         self.speaker_norm = bool(speaker_norm)
         if self.speaker_norm:  # fallback speaker mean per presence pattern (see the module doc)
@@ -120,6 +171,17 @@ class EmotionModel(nn.Module):
             present.append(p)
         return torch.stack(xs, 1), torch.stack(present, 1)
 
+    def clip_pooled(self, x: torch.Tensor, present: torch.Tensor, clip: torch.Tensor,
+                    n_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window vectors `[n, M, D]`, present `[n, M]` and each window's clip `[n]` (ids below
+        `n_clips`) → clip vectors `[n_clips, M, D]` and present `[n_clips, M]`."""
+        xs, ps = [], []
+        for i, m in enumerate(self.names):
+            x_m, p_m = self.clip_pool[m](x[:, i], present[:, i], clip, n_clips)
+            xs.append(x_m)
+            ps.append(p_m)
+        return torch.stack(xs, 1), torch.stack(ps, 1)
+
     def head(self, x: torch.Tensor, present: torch.Tensor, table: torch.Tensor | None = None,
              group: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled `[B, M, D]` + present `[B, M]` → outputs `[B, n_outputs]`. With speaker
@@ -139,21 +201,37 @@ class EmotionModel(nn.Module):
         return self.out(self.drop(self.norm(x.flatten(1))))
 
     def forward(self, batch: Mapping[str, torch.Tensor], table: torch.Tensor | None = None,
-                group: torch.Tensor | None = None) -> torch.Tensor:
+                group: torch.Tensor | None = None, clip: torch.Tensor | None = None,
+                n_clips: int | None = None) -> torch.Tensor:
+        """Windows `batch` → outputs `[n_clips, n_outputs]`: with `clip` `[B]` (each window's clip,
+        ids below `n_clips`) the windows of a clip are pooled into one; without it every window is
+        its own clip. `group` is per clip."""
         x, present = self.pooled(batch)
-        return self.head(x, present, table, group)  # [B, n_outputs]
+        if clip is not None:
+            x, present = self.clip_pooled(x, present, clip, int(n_clips if n_clips is not None
+                                                               else int(clip.max()) + 1))
+        return self.head(x, present, table, group)  # [n_clips, n_outputs]
+
+
+def clip_table(model: EmotionModel, x: torch.Tensor, present: torch.Tensor,
+               group: torch.Tensor | None) -> torch.Tensor | None:
+    """The center table of vectors `x` `[N, M, D]` by `group` `[N]` (None: no table, or a model
+    without speaker normalisation)."""
+    if not model.speaker_norm or group is None or not len(x):
+        return None
+    return center_table(x, present, group, int(group.max()) + 1)
 
 
 @torch.no_grad()
 def head_outputs(model: EmotionModel, x: torch.Tensor, present: torch.Tensor, group: torch.Tensor | None,
-                 batch_size: int) -> torch.Tensor:
-    """Outputs `[N, n_outputs]` (float32, CPU) of pooled windows `x` `[N, M, D]`, `present`
+                 batch_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs `[N, n_outputs]` (float32, CPU) of pooled vectors `x` `[N, M, D]`, `present`
     `[N, M]`, in batches. With `group` `[N]` (dense ids from 0) a speaker-normalised model subtracts
-    each group's mean over these windows; without it, its stored mean."""
-    table = None
-    if model.speaker_norm and group is not None and len(x):
-        table = center_table(x, present, group, int(group.max()) + 1)
-    else:
+    each group's mean: from `table` when given, else the mean over these vectors; without a group,
+    its stored mean."""
+    if table is None:
+        table = clip_table(model, x, present, group)
+    if table is None:
         group = None
     outs = [model.head(x[a:a + batch_size], present[a:a + batch_size], table,
                        None if group is None else group[a:a + batch_size]).float().cpu()

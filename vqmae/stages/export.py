@@ -91,11 +91,13 @@ class ExportResult:
 
 
 class ClassifierModule(nn.Module):
-    """`EmotionModel` on positional tensors, two per modality in ``model.names`` order:
+    """`EmotionModel` on the B windows of ONE clip, as positional tensors, two per modality in
+    ``model.names`` order:
 
     codes int64 ``[B, T_m, *grid_m]`` (or flat ``[B, T_m, K_m]``), valid bool ``[B, T_m]``
-    (False on padded frames; all False = the modality is absent) → outputs float32 ``[B, C]``
-    (logits for classify / multilabel, values for regress). For an audiovisual model:
+    (False on padded frames; all False = the modality is absent) → the clip's outputs float32
+    ``[1, C]`` (logits for classify / multilabel, values for regress; the windows pooled by the
+    model's clip pooling). One window alone gives that window's outputs. For an audiovisual model:
     ``(audio [B, Ta, 64], audio_valid [B, Ta], visual [B, Tv, 24, 24], visual_valid [B, Tv])``.
     """
 
@@ -112,7 +114,12 @@ class ClassifierModule(nn.Module):
             # one reshape accepts grid or flat frames: the trace records it with a free batch size
             batch[m] = codes.reshape(codes.shape[0], codes.shape[1], *self.grids[m])
             batch[f"{m}_valid"] = inputs[2 * i + 1]
-        return self.model(batch)  # [B, C]
+        return self.model(batch, clip=one_clip(inputs[0]), n_clips=1)  # [1, C]
+
+
+def one_clip(codes: torch.Tensor) -> torch.Tensor:
+    """Clip ids `[B]` (all 0) for the B windows of one clip."""
+    return torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
 
 
 def _encoder_only(tokenizer: nn.Module) -> nn.Module:
@@ -251,7 +258,7 @@ def _targets(pred: Predictor) -> dict[str, _Target]:
         classifier_inputs(model, TRACE_BATCH, gen, device),
         lambda g: [classifier_inputs(model, CHECK_BATCH, g, device, check_lengths(model)),
                    classifier_inputs(model, 1, g, device, check_lengths(model, 1))],
-        lambda *x: model(_batch_dict(model.names, x)),
+        lambda *x: model(_batch_dict(model.names, x), clip=one_clip(x[0]), n_clips=1),
         exact=False)}
     for m in pred.modalities:
         tok = pred.tokenizers[m].model
@@ -336,9 +343,9 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
     and where everything came from."""
     model = pred.model
     files = {CLASSIFIER_FILE: {"role": "classifier", "inputs": _classifier_io(model),
-                               "outputs": [_io("outputs", "float32", ["B", len(pred.names)],
-                                               f"{pred.task.activation} of these gives the "
-                                               f"scores, after averaging a clip's windows")]}}
+                               "outputs": [_io("outputs", "float32", [1, len(pred.names)],
+                                               f"the clip's outputs ({pred.task.activation} "
+                                               f"of these gives the scores)")]}}
     for m in pred.modalities:
         tok = pred.tokenizers[m].model
         files[ENCODER_FILES[m]] = {"role": f"{m}_encoder", "inputs": [_encoder_input(m, tok)],
@@ -377,7 +384,7 @@ def _classifier_io(model: EmotionModel) -> list[dict[str, Any]]:
     for m in model.names:
         d = model.backbone.dims.get(m)
         out += [_io(m, "int64", ["B", d.frames, *d.grid],
-                    f"{m} codes of B windows, ids in [0, {d.codebook_size}); flat "
+                    f"{m} codes of the B windows of one clip, ids in [0, {d.codebook_size}); flat "
                     f"[B, {d.frames}, {math.prod(d.grid)}] rows also accepted"),
                 _io(f"{m}_valid", "bool", ["B", d.frames],
                     "True on real frames, False on padding after a clip's end; all False = the "
@@ -399,8 +406,9 @@ def _window(pred: Predictor) -> dict[str, Any]:
             "frames_per_step": {m: g.ratio[m] for m in pred.modalities},
             "step_rate": g.step_rate,
             "scoring": "cut a clip into non-overlapping windows from frame 0, the last one padded "
-                       "(valid False on padding); average the outputs over its windows, then apply "
-                       "the task's activation"}
+                       "(valid False on padding); pass all its windows as one batch (the model "
+                       "pools them into one clip vector), then apply the task's activation to "
+                       "the outputs"}
 
 
 def _features(pred: Predictor) -> dict[str, Any]:

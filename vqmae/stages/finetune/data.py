@@ -1,5 +1,7 @@
 """What every part of fine-tuning shares: the backbone a unit starts from, windows of labelled clips,
-and clip scoring (every non-overlapping window of a clip through the model, outputs averaged)."""
+training crops of whole clips, and clip scoring (every non-overlapping window of a clip through the
+encoder, the window vectors pooled into one clip vector by the model's learned clip pooling, then
+the head)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from vqmae.checkpoint import check_parents, checkpoint_sha256, load_checkpoint, store_parents
 from vqmae.config import Config, MAEConfig, mae_modalities
-from vqmae.models.classifier import EmotionModel, drop_modality, head_outputs
+from vqmae.models.classifier import EmotionModel, clip_table, drop_modality, head_outputs
 from vqmae.models.layout import MAEDims
 from vqmae.store import TokenStore
 from vqmae.utils import autocast_context
@@ -66,6 +68,19 @@ class ClipWindows:
         """Every clip's non-overlapping windows from frame 0 → (rows [n], starts [n])."""
         return tile_windows(rows, self.steps[rows], self.geom.window_steps)
 
+    def crop_windows(self, rows: np.ndarray, starts: np.ndarray, max_windows: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training crops — clip ``rows`` [B] from ``starts`` [B] (steps), at most ``max_windows``
+        consecutive windows each, none starting past the clip's end → (window rows [n], window
+        starts [n], each window's crop index [n] into the B crops)."""
+        ws = self.geom.window_steps
+        left = np.maximum(self.steps[rows] - starts, 1)
+        count = np.minimum(-(-left // ws), max_windows).astype(np.int64)  # [B] ≥ 1
+        crop = np.repeat(np.arange(len(rows)), count)
+        first = np.cumsum(count) - count
+        offset = (np.arange(len(crop)) - first[crop]) * ws
+        return np.asarray(rows, np.int64)[crop], (np.asarray(starts, np.int64)[crop] + offset), crop
+
 
 def restrict(batch: Mapping[str, torch.Tensor], mode: str, names: Sequence[str]) -> dict:
     """Keep only the modalities of eval mode ``mode`` (av, audio, visual) present."""
@@ -102,30 +117,48 @@ def pooled_windows(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mod
 
 
 @torch.no_grad()
+def pooled_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode: str, device: str,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Clip vectors of clips ``rows`` in eval mode ``mode``: every window through the encoder and
+    pooling, then the model's clip pooling → (clip vectors float32 `[n_clips, M, D]`, present
+    `[n_clips, M]`, window vectors `[n_windows, M, D]`, window present, window clip position
+    int64 `[n_windows]` into ``rows``)."""
+    x, p, pos = pooled_windows(model, data, rows, mode, device, batch_size)
+    was = model.training
+    model.eval()
+    with autocast_context(device):
+        cx, cp = model.clip_pooled(x, p, torch.from_numpy(pos).to(x.device), len(rows))
+    model.train(was)
+    return cx.float(), cp, x, p, pos
+
+
+@torch.no_grad()
 def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode: str,
                   device: str, batch_size: int, groups: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic clip scores: every window of every clip, outputs averaged per clip.
+    """Deterministic clip scores: every window of every clip, window vectors pooled per clip by
+    the model's clip pooling, then the head.
 
     ``groups`` (int64 per store row, e.g. speaker ids): with a speaker-normalised model each group's
-    mean pooled features are taken over these rows' windows (in this ``mode``) and subtracted;
-    without it the model's stored mean is used.
+    mean clip vector is taken over these rows (in this ``mode``) and subtracted; without it the
+    model's stored mean is used.
 
-    → (clip outputs float32 [n_clips, C], window outputs [n_windows, C], window clip position
-    int64 [n_windows] into ``rows``)."""
+    → (clip outputs float32 [n_clips, C], window outputs [n_windows, C] (the head on each window
+    alone, normalised by its clip's group mean), window clip position int64 [n_windows] into
+    ``rows``)."""
     was = model.training
     model.eval()
-    x, present, pos = pooled_windows(model, data, rows, mode, device, batch_size)
-    group = None
+    cx, cp, x, present, pos = pooled_clips(model, data, rows, mode, device, batch_size)
+    group = win_group = None
     if groups is not None:  # dense ids of the scored rows' groups
-        inverse = np.unique(np.asarray(groups)[rows[pos]], return_inverse=True)[1]
-        group = torch.from_numpy(inverse.astype(np.int64)).to(x.device)
+        inverse = np.unique(np.asarray(groups)[rows], return_inverse=True)[1].astype(np.int64)
+        group = torch.from_numpy(inverse).to(x.device)
+        win_group = group[torch.from_numpy(pos).to(x.device)]
     with autocast_context(device):
-        win = head_outputs(model, x, present, group, batch_size).numpy() if len(pos) else \
-            np.zeros((0, 0), np.float32)
-    clip = np.zeros((len(rows), win.shape[1] if win.size else 0), np.float64)
-    np.add.at(clip, pos, win)
-    clip /= np.bincount(pos, minlength=len(rows))[:, None].clip(min=1)
+        clip = head_outputs(model, cx, cp, group, batch_size).numpy()
+        table = clip_table(model, cx, cp, group)
+        win = head_outputs(model, x, present, win_group, batch_size, table).numpy() if len(pos) else \
+            np.zeros((0, clip.shape[1]), np.float32)
     model.train(was)
     return clip.astype(np.float32), win, pos
 

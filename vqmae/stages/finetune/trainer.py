@@ -22,7 +22,7 @@ from vqmae.checkpoint import check_resume, load_checkpoint, restore_rng, save_ch
 from vqmae.config import Config, FinetuneConfig
 from vqmae.models.classifier import EmotionModel, center_table, drop_modality, load_encoder, mean_center
 from vqmae.stages.finetune import baseline, egemaps
-from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, FinetuneError, pooled_windows,
+from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, FinetuneError, pooled_clips,
                                         predict_clips, restrict)
 from vqmae.store import TokenStore
 from vqmae.tasks import Task
@@ -57,7 +57,7 @@ def _make_model(bb: Backbone, task: Task, fcfg: FinetuneConfig, seed: int, varia
                 device: str) -> EmotionModel:
     torch.manual_seed(seed)  # same head init for every variant of a (fraction, fold)
     model = EmotionModel(bb.mae_cfg, bb.dims, len(task.names), fcfg.pooling, fcfg.dropout,
-                         speaker_norm=fcfg.speaker_norm)
+                         speaker_norm=fcfg.speaker_norm, clip_pooling=fcfg.clip_pooling)
     if variant in ("pretrained", "student", "audio_labels"):
         load_encoder(model, bb.state)
     if fcfg.freeze:
@@ -81,20 +81,24 @@ def _optimizer(model: EmotionModel, fcfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 def _drop_for_training(batch: dict[str, torch.Tensor], names: Sequence[str], p: float,
-                       force_audio_only: bool, gen: torch.Generator, info: Dist
-                       ) -> dict[str, torch.Tensor]:
-    """Modality dropout; the draws are made for the global batch and sliced per rank, so a sample's
-    fate does not depend on the number of processes."""
+                       force_audio_only: bool, gen: torch.Generator, info: Dist, crop: torch.Tensor,
+                       n_crops: int) -> dict[str, torch.Tensor]:
+    """Modality dropout, per training crop (every window of a crop loses the same modality); the
+    draws are made for the global batch and sliced per rank, so a crop's fate does not depend on the
+    number of processes. ``crop`` `[n_windows]`: each window's crop, ids below ``n_crops``."""
     if force_audio_only:
         return restrict(batch, "audio", names)
     if len(names) != 2 or p <= 0:
         return batch
-    has = {m: batch[f"{m}_valid"].any(1) for m in names}  # [b]
+    has = {}
+    for m in names:  # [n_crops]: the crop has frames of m
+        frames = batch[f"{m}_valid"].any(1).long()
+        has[m] = torch.zeros(n_crops, dtype=torch.long, device=frames.device).index_add(0, crop, frames) > 0
     both = has["audio"] & has["visual"]
-    b = both.shape[0]
-    u = torch.rand(b * info.world_size, generator=gen)[info.rank * b:(info.rank + 1) * b].to(both.device)
-    batch = drop_modality(batch, "visual", both & (u < p / 2))
-    return drop_modality(batch, "audio", both & (u >= p / 2) & (u < p))
+    u = torch.rand(n_crops * info.world_size, generator=gen)[info.rank * n_crops:(info.rank + 1) * n_crops]
+    u = u.to(both.device)
+    batch = drop_modality(batch, "visual", (both & (u < p / 2))[crop])
+    return drop_modality(batch, "audio", (both & (u >= p / 2) & (u < p))[crop])
 
 
 @dataclass
@@ -179,7 +183,9 @@ class Trainer:
         seed = unit_seed(self.cfg.seed, unit.seed_key)
         model = _make_model(self.bb, self.task, fcfg, seed, unit.variant, device)
         opt = _optimizer(model, fcfg)
-        plan = WindowPlan(train, self.data.steps[train], self.data.geom.window_steps, seed)
+        # one sample = a crop of a clip, at most clip_windows windows long (longer clips give more
+        # crops per epoch, in proportion to their length)
+        plan = WindowPlan(train, self.data.steps[train], self.data.geom.window_steps * fcfg.clip_windows, seed)
         per_epoch = max(1, math.ceil(plan.samples_per_epoch / fcfg.batch_size))
         bases = base_lrs(opt)
         class_weight = self._class_weight(train)
@@ -209,10 +215,14 @@ class Trainer:
                     model.backbone.eval()
             gen.manual_seed(seed * 7919 + step)  # a pure function of the step: resumable
             rows, starts = plan.batch(step, fcfg.batch_size, info.rank, info.world_size)
-            batch = self.data.batch(rows, starts, device)
-            batch = _drop_for_training(batch, self.bb.names, fcfg.modality_dropout, audio_only, gen, info)
+            win_rows, win_starts, crop = self.data.crop_windows(rows, starts, fcfg.clip_windows)
+            batch = self.data.batch(win_rows, win_starts, device)
+            crop_t = torch.from_numpy(crop).to(device)
+            batch = _drop_for_training(batch, self.bb.names, fcfg.modality_dropout, audio_only, gen, info,
+                                       crop_t, len(rows))
             y = self.task.batch_targets(self.y[rows], device)
-            out = net(batch) if table is None else net(batch, table, torch.from_numpy(self.group[rows]).to(device))
+            group = None if table is None else torch.from_numpy(self.group[rows]).to(device)
+            out = net(batch, table, group, crop_t, len(rows))
             per_sample = self.task.loss(out, y, class_weight)
             if teacher is not None:
                 per_sample = self._distill(out, per_sample, teacher, rows, y)
@@ -298,18 +308,18 @@ class Trainer:
         return self._features[variant], self.modes() if variant == "tokens" else ["audio"]
 
     def _train_centers(self, model: EmotionModel, train: np.ndarray, audio_only: bool) -> torch.Tensor:
-        """Each training speaker's mean pooled features per presence pattern (a center table):
-        over the windows of its training clips scored as training will present them (audiovisual,
-        and each modality alone when modality dropout can remove the other)."""
+        """Each training speaker's mean clip vector per presence pattern (a center table): over its
+        training clips scored as training will present them (audiovisual, and each modality alone
+        when modality dropout can remove the other)."""
         modes = ["audio"] if audio_only else ["av"] if len(self.bb.names) == 1 else \
             ["av", *self.bb.names] if self.fcfg.modality_dropout > 0 else ["av"]
         xs, ps, gs = [], [], []
         for mode in modes:
             rows = train if mode == "av" else train[self.data.has(mode, train)]
-            x, p, pos = pooled_windows(model, self.data, rows, mode, self.device, self.fcfg.eval_batch)
+            x, p, _, _, _ = pooled_clips(model, self.data, rows, mode, self.device, self.fcfg.eval_batch)
             xs.append(x)
             ps.append(p)
-            gs.append(torch.from_numpy(self.group[rows][pos]))
+            gs.append(torch.from_numpy(self.group[rows]))
         n_groups = int(self.group.max()) + 1 if len(self.group) else 1
         return center_table(torch.cat(xs), torch.cat(ps), torch.cat(gs).to(self.device), n_groups)
 

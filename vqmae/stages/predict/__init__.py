@@ -10,9 +10,11 @@ classifier names as its parent; the audio / video features from the tokenizers' 
 (`vqmae.encoding.feature_config`), so new media are encoded exactly as the training store was.
 
 Scoring is the test-time rule of `vqmae.stages.finetune.predict_clips`: a clip is cut into non-overlapping
-windows of the model's length from frame 0 (the last one padded, its padding invalid), the model's
-outputs (logits, or values for regression) are averaged over the windows, and only then turned into
-scores (softmax for classify, a sigmoid per label for multilabel, the values for regress).
+windows of the model's length from frame 0 (the last one padded, its padding invalid), each window
+is encoded, the window vectors are pooled into one clip vector by the model's learned clip pooling,
+and the head's outputs (logits, or values for regression) are turned into scores (softmax for
+classify, a sigmoid per label for multilabel, the values for regress). The per-window timeline is
+the head applied to each window alone.
 
 Modalities (``modality=``): ``auto`` scores whatever the input has among the model's modalities;
 ``av`` demands both; ``audio`` / ``visual`` score that one alone (the other is never decoded and is
@@ -44,7 +46,7 @@ from vqmae.config import Config, ConfigError, set_key
 from vqmae.datasets import ClipInfo
 from vqmae.encoding import feature_config
 from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
-from vqmae.models.classifier import EmotionModel, drop_modality, head_outputs
+from vqmae.models.classifier import EmotionModel, clip_table, drop_modality, head_outputs
 from vqmae.models.tokenizers import encode_frames
 from vqmae.store import ModalitySpec
 from vqmae.tasks import Task
@@ -326,7 +328,7 @@ class Predictor:
 
     @torch.no_grad()
     def _score(self, clips: Sequence[_Clip], same_speaker: bool = False) -> list[Prediction]:
-        """Every window of every clip through the model, outputs averaged per clip (exactly
+        """Every window of every clip through the encoder, pooled per clip, then the head (exactly
         `vqmae.stages.finetune.predict_clips`), then turned into scores. `same_speaker`: the clips are
         one speaker's, whose mean features a speaker-normalised model subtracts."""
         geom = self.geom
@@ -355,15 +357,18 @@ class Predictor:
                 x, p = self.model.pooled(batch)
                 xs.append(x.float())
                 ps.append(p)
-            x = torch.cat(xs)
-            group = torch.zeros(len(x), dtype=torch.long, device=x.device) if same_speaker else None
-            win = head_outputs(self.model, x, torch.cat(ps), group, self.batch_windows).numpy()  # [n_windows, C]
-        if not np.isfinite(win).all():
-            bad = sorted({clips[i].path for i in win_clip[~np.isfinite(win).all(1)]})
+            x, present = torch.cat(xs), torch.cat(ps)
+            clip_of = torch.from_numpy(win_clip).to(x.device)
+            cx, cp = self.model.clip_pooled(x, present, clip_of, len(clips))
+            group = torch.zeros(len(clips), dtype=torch.long, device=x.device) if same_speaker else None
+            out = head_outputs(self.model, cx.float(), cp, group, self.batch_windows).numpy()  # [n_clips, C]
+            table = clip_table(self.model, cx.float(), cp, group)
+            win = head_outputs(self.model, x, present, None if group is None else group[clip_of],
+                               self.batch_windows, table).numpy()  # [n_windows, C]: timelines
+        if not np.isfinite(out).all():
+            bad = sorted({clips[i].path for i in np.flatnonzero(~np.isfinite(out).all(1))})
             raise InputError(bad[0], "the model produced non-finite outputs")
-        mean = np.zeros((len(clips), win.shape[1]), np.float64)
-        np.add.at(mean, win_clip, win)
-        mean = (mean / np.bincount(win_clip, minlength=len(clips))[:, None]).astype(np.float32)
+        mean = out.astype(np.float32)
         return [self._prediction(c, mean[i], win_starts[win_clip == i], win[win_clip == i], steps[i])
                 for i, c in enumerate(clips)]
 
