@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from cli.common import RichReporter, console, err_console, results_table, setup_logging
-from vqmae.checkpoint import CheckpointError
-from vqmae.stages.finetune import FinetuneError
-from vqmae.stages.finetune.evaluate import EvaluateResult, evaluate as run_evaluate
-from vqmae.store import StoreError
-from vqmae.utils import resolve_device
+
+if TYPE_CHECKING:
+    from vqmae.stages.finetune.evaluate import EvaluateResult
 
 
 def evaluate(
@@ -24,6 +22,12 @@ def evaluate(
 ) -> None:
     """Score the run's saved fold models on STORE, as fine-tuning scored its test clips."""
     setup_logging(verbose)
+    from vqmae.checkpoint import CheckpointError
+    from vqmae.stages.finetune import FinetuneError
+    from vqmae.stages.finetune.evaluate import evaluate as run_evaluate
+    from vqmae.store import StoreError
+    from vqmae.utils import resolve_device
+
     try:
         with RichReporter(console) as reporter:
             result = run_evaluate(run, store, out, device=resolve_device(device), reporter=reporter)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.common import console, err_console, setup_logging
-from vqmae.stages.export import MANIFEST, ExportError, ExportResult, export_model
-from vqmae.utils import resolve_device
+
+if TYPE_CHECKING:
+    from vqmae.stages.export import ExportResult
 
 
 def export(
@@ -23,6 +24,9 @@ def export(
     """Export a fine-tuned classifier and its tokenizer encoders to TorchScript, each checked
     against the eager model. Exit code 2 if the checkpoint cannot be exported."""
     setup_logging(verbose)
+    from vqmae.stages.export import ExportError, export_model
+    from vqmae.utils import resolve_device
+
     try:
         result = export_model(classifier, out, tokenizers=tokenizers, device=resolve_device(device))
     except ExportError as e:
@@ -32,6 +36,8 @@ def export(
 
 
 def _print(result: ExportResult) -> None:
+    from vqmae.stages.export import MANIFEST
+
     m = result.manifest
     table = Table(title=f"{m['task']['kind']}: {', '.join(m['task']['names'])} — exported to {result.out_dir}",
                   caption=f"torch {m['torch_version']}, device {m['device']}, "

@@ -9,11 +9,6 @@ import typer
 
 from cli.common import (PresetOpt, RichReporter, SetOpt, console, err_console, make_config, results_table,
                         setup_logging)
-from vqmae.checkpoint import CheckpointError
-from vqmae.encoding import TokenizeError
-from vqmae.stages.finetune import FinetuneError, finetune as run_finetune
-from vqmae.store import StoreError
-from vqmae.utils import resolve_device
 
 
 def finetune(
@@ -48,6 +43,12 @@ def finetune(
     cfg = make_config(preset, [*(set_ or []), *(f"finetune.{k}={str(v).lower() if isinstance(v, bool) else v}"
                                                 for k, v in flags.items() if v is not None)])
     run = run_dir or Path("runs") / f"finetune-{store.name.removesuffix('.zarr')}"
+    from vqmae.checkpoint import CheckpointError
+    from vqmae.encoding import TokenizeError
+    from vqmae.stages.finetune import FinetuneError, finetune as run_finetune
+    from vqmae.store import StoreError
+    from vqmae.utils import resolve_device
+
     dev = resolve_device(device)
     try:
         with RichReporter(console) as reporter:

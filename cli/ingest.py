@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.datasets import DatasetError
-from vqmae.ingest import parse_modalities
-from vqmae.stages.ingest import IngestReport, ingest_report
+
+if TYPE_CHECKING:
+    from vqmae.stages.ingest import IngestReport
 
 
 def ingest(
@@ -32,6 +32,10 @@ def ingest(
     overrides = list(set_ or []) + ([f"face.mode={face}"] if face else [])
     cfg = make_config(preset, overrides)
     run = run_dir or Path("runs") / f"ingest-{data.stem}"
+    from vqmae.datasets import DatasetError
+    from vqmae.ingest import parse_modalities
+    from vqmae.stages.ingest import ingest_report
+
     try:
         with RichReporter(console) as reporter:
             report = ingest_report(data, cfg, run, kind=kind, modalities=parse_modalities(modalities),

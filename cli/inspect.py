@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from cli.common import console, err_console
-from vqmae.store import PendingInfo, StoreError, TokenStore, parts_dir, pending
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vqmae.store import PendingInfo, TokenStore
 
 PathArg = Annotated[Path, typer.Argument(help="A token store directory or a checkpoint (.pt).")]
 
@@ -37,6 +40,8 @@ def inspect(
 
 def _open(path: Path) -> tuple[TokenStore | None, PendingInfo]:
     """The merged store (None if only segments exist); exit 2 when `path` is neither."""
+    from vqmae.store import StoreError, TokenStore, pending
+
     try:
         info = pending(path)
         store = TokenStore.open(path) if (path / "zarr.json").exists() or not info.segments \
@@ -93,6 +98,8 @@ def _usage(store: TokenStore, name: str) -> str:
 
 
 def _datasets_table(store: TokenStore) -> Table:
+    import numpy as np
+
     c = store.clips
     t = Table(title="datasets")
     for col in ("dataset", "clips", "ok", "failed", "speakers", "labelled"):
@@ -129,6 +136,8 @@ def _print_failures(store: TokenStore, n: int) -> None:
 
 
 def _print_pending(path: Path, info: PendingInfo) -> None:
+    from vqmae.store import parts_dir
+
     console.print(f"[yellow]pending in {parts_dir(path)}:[/yellow] {len(info.segments)} unmerged "
                   f"segments, {info.n_clips} clips ({info.n_failed} failed), {info.n_tmp} "
                   f"half-written; run merge to fold them in")

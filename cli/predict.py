@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.common import RichReporter, console, err_console, setup_logging
-from vqmae.stages.predict import MODES, Prediction, PredictError, Predictor, PredictResult, to_csv, to_json
-from vqmae.utils import atomic_write_bytes, resolve_device
+
+if TYPE_CHECKING:
+    from vqmae.stages.predict import Prediction, Predictor, PredictResult
+
+# must match vqmae.stages.predict.MODES (a literal here so that checking --modality needs no torch;
+# tests/test_cli_startup.py asserts they are equal)
+MODES = ("auto", "av", "audio", "visual")
 
 
 def predict(
@@ -36,6 +41,9 @@ def predict(
     if modality not in MODES:
         err_console.print(f"[red]error:[/red] --modality {modality!r}: expected one of {', '.join(MODES)}")
         raise typer.Exit(2)
+    from vqmae.stages.predict import PredictError, Predictor, to_csv, to_json
+    from vqmae.utils import atomic_write_bytes, resolve_device
+
     try:
         predictor = Predictor.load(model, device=resolve_device(device), tokenizers=tokenizers,
                                    face_mode=face, batch_windows=max(1, batch))

@@ -9,10 +9,6 @@ import typer
 from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.checkpoint import CheckpointError
-from vqmae.stages.pretrain import PretrainError, pretrain as run_pretrain
-from vqmae.store import StoreError
-from vqmae.utils import resolve_device
 
 
 def pretrain(
@@ -28,6 +24,11 @@ def pretrain(
     setup_logging(verbose)
     cfg = make_config(preset, set_)
     run = run_dir or Path("runs") / f"pretrain-{store.name.removesuffix('.zarr')}"
+    from vqmae.checkpoint import CheckpointError
+    from vqmae.stages.pretrain import PretrainError, pretrain as run_pretrain
+    from vqmae.store import StoreError
+    from vqmae.utils import resolve_device
+
     try:
         with RichReporter(console) as reporter:
             result = run_pretrain(store, cfg, run, device=resolve_device(device), reporter=reporter,

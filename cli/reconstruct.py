@@ -8,10 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import console, err_console, setup_logging
-from vqmae.checkpoint import CheckpointError
-from vqmae.stages.reconstruct import reconstruct as run_reconstruct
-from vqmae.store import StoreError
-from vqmae.utils import resolve_device
 
 
 def reconstruct(
@@ -28,6 +24,11 @@ def reconstruct(
     """Decode original / masked / predicted codes through the stage-1 decoders into PNG panels, and
     the audio's original / predicted spectrograms into WAV files (Griffin-Lim)."""
     setup_logging(verbose)
+    from vqmae.checkpoint import CheckpointError
+    from vqmae.stages.reconstruct import reconstruct as run_reconstruct
+    from vqmae.store import StoreError
+    from vqmae.utils import resolve_device
+
     try:
         paths = run_reconstruct(checkpoint, store, out, tokenizers_dir=tokenizers, n_windows=windows,
                                 seed=seed, masking=masking, device=resolve_device(device))

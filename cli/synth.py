@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.common import PresetOpt, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.demo import SynthError, manifest_counts, read_summary, synthesize
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def synth(
@@ -34,6 +35,8 @@ def synth(
     if kind != "demo":
         raise typer.BadParameter(f"{kind!r}: expected demo or speech", param_hint="--kind")
     cfg = make_config(preset, set_)
+    from vqmae.demo import SynthError, read_summary, synthesize
+
     t0 = time.perf_counter()
     try:
         with _progress() as progress:
@@ -65,11 +68,15 @@ def _speech(out: Path, speakers: int, clips: int, seed: int, workers: Optional[i
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=True)
 
 
 def _print_summary(summary: dict, manifest: Path, elapsed: float) -> None:
+    from vqmae.demo import manifest_counts
+
     labels = list(summary["config"]["emotions"])
     table = Table(title=f"{summary['n_clips']} clips ({summary['n_video']} video, {summary['n_audio']} audio-only)")
     table.add_column("speaker")

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
-from vqmae.checkpoint import CheckpointError
-from vqmae.datasets import DatasetError
-from vqmae.encoding import TokenizeError
-from vqmae.ingest import Failure, parse_modalities
-from vqmae.stages.tokenize import TokenizeResult, tokenize as run_tokenize
-from vqmae.store import StoreError, TokenStore, parse_shard
-from vqmae.utils import resolve_device
+
+if TYPE_CHECKING:
+    from vqmae.ingest import Failure
+    from vqmae.stages.tokenize import TokenizeResult
 
 
 def tokenize(
@@ -38,6 +35,14 @@ def tokenize(
     """Train audio + visual VQ-VAE tokenizers on a corpus (or load given ones) and encode every clip."""
     setup_logging(verbose)
     cfg = make_config(preset, list(set_ or []) + ([f"face.mode={face}"] if face else []))
+    from vqmae.checkpoint import CheckpointError
+    from vqmae.datasets import DatasetError
+    from vqmae.encoding import TokenizeError
+    from vqmae.ingest import parse_modalities
+    from vqmae.stages.tokenize import tokenize as run_tokenize
+    from vqmae.store import StoreError, parse_shard
+    from vqmae.utils import resolve_device
+
     try:
         shard_ = parse_shard(shard)
     except ValueError as e:
@@ -81,6 +86,8 @@ def _print_summary(result: TokenizeResult) -> None:
     table.add_row("clips already done (resumed)", str(result.skipped_done))
     table.add_row("failed clips", str(len(failed)))
     if result.merged:
+        from vqmae.store import TokenStore
+
         store = TokenStore.open(out)
         for m, spec in store.specs.items():
             table.add_row(f"{m} frames", f"{int(store.clips[f'{m}_length'].sum())} "

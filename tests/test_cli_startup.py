@@ -1,0 +1,70 @@
+"""The CLI starts fast: help, usage errors and config errors import no torch / zarr / media libraries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "zarr", "cv2", "decord", "opensmile")
+COMMANDS = ("synth", "ingest", "tokenize", "pretrain", "finetune", "evaluate", "predict", "reconstruct",
+            "inspect", "export")
+
+# (argv, expected exit code)
+CASES = [
+    (["--help"], 0),
+    *[([cmd, "--help"], 0) for cmd in COMMANDS],
+    (["pretrain"], 2),  # missing argument
+    (["pretrain", "x.zarr", "--nosuch-option"], 2),  # unknown option
+    (["pretrain", "x.zarr", "--preset", "tiny", "--set", "nosuch.key=1"], 2),  # config error
+    (["finetune", "x.zarr", "--preset", "tiny", "--set", "nosuch.key=1"], 2),
+    (["tokenize", "data", "--out", "x.zarr", "--set", "nosuch.key=1"], 2),
+    (["ingest", "data", "--set", "nosuch.key=1"], 2),
+    (["synth", "out", "--set", "nosuch.key=1"], 2),
+    (["synth", "out", "--kind", "nope"], 2),
+    (["predict", "clip.mp4", "--model", "m.pt", "--modality", "nope"], 2),
+]
+
+SCRIPT = """
+import json, sys
+HEAVY = {heavy!r}
+
+def heavy_loaded():
+    return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+
+from typer.testing import CliRunner
+from cli.main import app
+
+out = [{{"argv": [], "exit_code": 0, "heavy": heavy_loaded(), "output": ""}}]
+runner = CliRunner()
+for argv in json.loads(sys.argv[1]):
+    r = runner.invoke(app, argv)
+    out.append({{"argv": argv, "exit_code": r.exit_code, "heavy": heavy_loaded(), "output": r.output[:3000],
+                 "exception": None if r.exception is None or isinstance(r.exception, SystemExit)
+                 else repr(r.exception)}})
+print(json.dumps(out))
+"""
+
+
+def test_cli_help_and_errors_import_no_heavy_modules():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(heavy=HEAVY), json.dumps([a for a, _ in CASES])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not results[0]["heavy"], f"`from cli.main import app` imported {results[0]['heavy']}"
+    for (argv, code), r in zip(CASES, results[1:]):
+        assert r["argv"] == argv
+        assert r["exit_code"] == code, (f"vqmae {' '.join(argv)}: exit {r['exit_code']}, expected {code}; "
+                                        f"{r.get('exception')}\n{r['output']}")
+        assert not r["heavy"], f"vqmae {' '.join(argv)} imported heavy modules: {r['heavy']}"
+        if "nosuch.key=1" in argv:
+            assert "unknown config key 'nosuch.key'" in r["output"], r["output"]
+
+
+def test_predict_modes_match_stage():
+    from cli.predict import MODES as CLI_MODES
+    from vqmae.stages.predict import MODES
+
+    assert CLI_MODES == MODES
