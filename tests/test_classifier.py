@@ -23,7 +23,7 @@ def batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
             "visual_valid": torch.ones(b, 10, dtype=torch.bool)}
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "cls"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats"])
 def test_shapes_and_pretrained_encoder_loads(pooling):
     torch.manual_seed(0)
     mae = MAEModel(CFG, DIMS).eval()
@@ -48,7 +48,7 @@ def test_decoder_side_is_removed():
                                  "backbone.dec_")) for n in names)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "cls"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats"])
 def test_absent_modality_ignores_its_codes_and_gets_no_gradient(pooling):
     torch.manual_seed(0)
     model = EmotionModel(CFG, DIMS, 4, pooling).eval()

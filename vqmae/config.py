@@ -177,12 +177,15 @@ class FinetuneConfig:
 
     task: str = "classify"  # a kind in vqmae.tasks.TASKS: classify, multilabel, regress
     targets: tuple[str, ...] = ("valence", "arousal", "dominance")  # regress: table columns
-    pooling: Literal["attention", "mean", "cls"] = "attention"  # per modality, then concatenated
+    pooling: Literal["attention", "mean", "cls", "stats"] = "attention"  # per modality and window
     # Whole clips: a clip is every window of it, encoded one window at a time, the window vectors
     # pooled into one clip vector ("attention": a learned query over the windows; "mean") before
     # the head. Training samples are crops of at most clip_windows consecutive windows.
     clip_pooling: Literal["attention", "mean"] = "attention"
     clip_windows: int = 4
+    # Patch dropout: each training window hides this fraction of its patches from the encoder, at
+    # random (the pretrained encoder saw half of them in pretraining); scoring sees every patch.
+    patch_dropout: float = 0.0
     freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
     # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init), and
     # the linear baselines on the same folds (vqmae.stages.finetune.baseline; classify and regress

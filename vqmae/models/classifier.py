@@ -13,7 +13,10 @@ visible patches into one `[B, width]` vector:
 * ``attention``: a learned query scores each patch (softmax over the visible ones);
 * ``mean``: the mean of the visible patches;
 * ``cls``: a learned class token attends to the patches through one extra transformer block
-  (class attention, as in CaiT).
+  (class attention, as in CaiT);
+* ``stats``: attentive statistics pooling (Okabe et al., 2018): the attention-weighted mean and
+  standard deviation of the patches, concatenated and projected back to the width — the spread of
+  a feature over the window (a pitch or loudness range) next to its level.
 
 Clips: a clip longer than one window is several windows, each encoded on its own; each modality's
 window vectors are then pooled into one clip vector by a learned *clip pooling* (``attention``: a
@@ -52,7 +55,7 @@ from vqmae.models.transformer import Block
 
 # Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
 DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
-POOLINGS = ("attention", "mean", "cls")
+POOLINGS = ("attention", "mean", "cls", "stats")
 CLIP_POOLINGS = ("attention", "mean")
 
 
@@ -64,9 +67,11 @@ class Pool(nn.Module):
         if kind not in POOLINGS:
             raise ValueError(f"pooling {kind!r}: expected one of {list(POOLINGS)}")
         self.kind = kind
-        if kind == "attention":
+        if kind in ("attention", "stats"):
             self.norm = nn.LayerNorm(width)
             self.query = nn.Parameter(torch.zeros(width))
+        if kind == "stats":
+            self.proj = nn.Linear(2 * width, width)
         elif kind == "cls":
             self.token = nn.Parameter(torch.zeros(1, 1, width))
             nn.init.trunc_normal_(self.token, std=0.02)
@@ -78,12 +83,16 @@ class Pool(nn.Module):
         if self.kind == "mean":
             w = visible.to(x.dtype)
             return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0), present
-        if self.kind == "attention":
+        if self.kind in ("attention", "stats"):
             score = self.norm(x) @ self.query.to(x.dtype) / x.shape[-1] ** 0.5  # [B, N]
             score = score.masked_fill(~visible, float("-inf"))
             # rows with nothing visible: uniform weights over zeros, replaced by `absent` later
             weight = torch.softmax(torch.where(present[:, None], score, 0.0), dim=1)
-            return torch.einsum("bn,bnd->bd", weight, x), present
+            mean = torch.einsum("bn,bnd->bd", weight, x)
+            if self.kind == "attention":
+                return mean, present
+            var = torch.einsum("bn,bnd->bd", weight, (x - mean[:, None]) ** 2)
+            return self.proj(torch.cat([mean, (var + 1e-5).sqrt()], -1)), present
         seq = torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)  # [B, 1+N, D]
         key = torch.cat([torch.ones_like(visible[:, :1]), visible], 1)
         return self.norm(self.block(seq, key)[:, 0]), present
@@ -160,16 +169,28 @@ class EmotionModel(nn.Module):
         nn.init.trunc_normal_(self.out.weight, std=0.02)
         nn.init.zeros_(self.out.bias)
 
-    def pooled(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled(self, batch: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality pooled encoder features `[B, M, D]` and which modalities are present
-        `[B, M]` bool, in `model.names` order (before speaker normalisation and the head)."""
-        enc = self.backbone.encode(batch)
+        `[B, M]` bool, in `model.names` order (before speaker normalisation and the head).
+        `mask` (`[B, N]` bool per modality, True = hidden): patches the encoder does not see
+        (training-time patch dropout)."""
+        enc = self.backbone.encode(batch, mask)
         xs, present = [], []
         for m in self.names:
             x, p = self.pool[m](enc.features[m], enc.visible[m])  # [B, D], [B]
             xs.append(x)
             present.append(p)
         return torch.stack(xs, 1), torch.stack(present, 1)
+
+    def patch_mask(self, batch_size: int, ratio: float, gen: torch.Generator,
+                   device: torch.device | str) -> dict[str, torch.Tensor] | None:
+        """A random `[B, N]` mask per modality hiding each patch with probability `ratio` (None
+        when 0): patch dropout, drawn on the CPU from `gen`."""
+        if ratio <= 0:
+            return None
+        return {m: (torch.rand(batch_size, lay.n_patches, generator=gen) < ratio).to(device)
+                for m, lay in self.backbone.layouts.items()}
 
     def clip_pooled(self, x: torch.Tensor, present: torch.Tensor, clip: torch.Tensor,
                     n_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,11 +223,11 @@ class EmotionModel(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], table: torch.Tensor | None = None,
                 group: torch.Tensor | None = None, clip: torch.Tensor | None = None,
-                n_clips: int | None = None) -> torch.Tensor:
+                n_clips: int | None = None, mask: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Windows `batch` → outputs `[n_clips, n_outputs]`: with `clip` `[B]` (each window's clip,
         ids below `n_clips`) the windows of a clip are pooled into one; without it every window is
-        its own clip. `group` is per clip."""
-        x, present = self.pooled(batch)
+        its own clip. `group` is per clip; `mask` as in `pooled`."""
+        x, present = self.pooled(batch, mask)
         if clip is not None:
             x, present = self.clip_pooled(x, present, clip, int(n_clips if n_clips is not None
                                                                else int(clip.max()) + 1))

@@ -222,7 +222,8 @@ class Trainer:
                                        crop_t, len(rows))
             y = self.task.batch_targets(self.y[rows], device)
             group = None if table is None else torch.from_numpy(self.group[rows]).to(device)
-            out = net(batch, table, group, crop_t, len(rows))
+            mask = model.patch_mask(len(win_rows), fcfg.patch_dropout, gen, device)
+            out = net(batch, table, group, crop_t, len(rows), mask)
             per_sample = self.task.loss(out, y, class_weight)
             if teacher is not None:
                 per_sample = self._distill(out, per_sample, teacher, rows, y)
