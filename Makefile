@@ -74,7 +74,7 @@ FRACTIONS ?= 0.25,1
 
 finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch vs the bag-of-tokens and eGeMAPS baselines, label fractions FRACTIONS
 	$(BIN)/vqmae finetune $(STORE) --mae $(RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
-		--label-fraction $(FRACTIONS) --run $(RUN)/finetune --set finetune.inits=pretrained,scratch,tokens,egemaps
+		--label-fraction $(FRACTIONS) --run $(RUN)/finetune
 
 predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained or scratch) that did best on its validation speakers
 	@test -f $(RUN)/finetune/folds.json || { echo "no $(RUN)/finetune/folds.json: run make finetune first"; exit 2; }

@@ -320,3 +320,31 @@ def test_training_crops_cover_at_most_clip_windows_and_stop_at_the_clip_end():
     assert win_rows.tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3]
     assert win_starts.tolist() == [0, 0, 10, 20, 30, 0, 10, 20, 30, 55, 65, 75, 85, 0]
     assert (win_starts < data.steps[win_rows]).all()
+
+
+def test_linear_probe_and_fitted_head_init(trained, tmp_path):
+    """`probe`: the frozen pretrained encoder with a linear head fitted to convergence; saved as an
+    ordinary classifier that `vqmae evaluate` rescores to the run's own numbers. head_init=fit
+    starts fine-tuning from that fitted head (its validation score is logged before epoch 1)."""
+    from vqmae.stages.finetune.evaluate import evaluate
+
+    tmp, store, _, _ = trained
+    cfg = load_config("tiny", OVERRIDES + ["finetune.inits=probe"])
+    r = finetune(store, cfg, tmp_path / "probe", mae=tmp / "pre" / "mae.pt")
+    rows = {(row["variant"], row["eval"]): row["uar"]["mean"] for row in r.summary["rows"]}
+    assert set(rows) == {("probe", e) for e in ("av", "audio", "visual")}
+    assert rows[("probe", "av")] > 0.8  # chance is 1/3
+    unit = r.units[0]
+    assert unit.epochs == 0 and unit.checkpoint
+    ckpt = torch.load(unit.checkpoint, weights_only=True)
+    assert ckpt["config"]["finetune"]["pooling"] == "mean" and ckpt["config"]["finetune"]["head_norm"] == "none"
+    encoder = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    mae = torch.load(tmp / "pre" / "mae.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, mae[k.removeprefix("backbone.")]) for k, v in encoder.items())  # frozen
+    again = evaluate(tmp_path / "probe", store, tmp_path / "again")
+    for row in again.summary["rows"]:
+        assert row["uar"]["mean"] == pytest.approx(rows[(row["variant"], row["eval"])], abs=1e-6)
+    cfg = load_config("tiny", OVERRIDES + ["finetune.inits=pretrained", "finetune.head_init=fit",
+                                           "finetune.epochs=1", "finetune.label_fractions=1"])
+    lpft = finetune(store, cfg, tmp_path / "lpft", mae=tmp / "pre" / "mae.pt")
+    assert {row["variant"] for row in lpft.summary["rows"]} == {"pretrained"}

@@ -231,8 +231,8 @@ def test_walkthrough_builds_a_miniature_pipeline_then_reads_it_without_retrainin
     assert ns["BUILT"] is True and ns["DEMO"].is_relative_to(tmp_path)
     assert not list(work.iterdir())  # nothing written into the working directory
     # sections 1-6: clip, usage, codes, 2 stage-1 + 2 stage-2 + 2 reconstruct panels, curves,
-    # 4 confusion matrices (pretrained, scratch, tokens, egemaps), label efficiency, timeline
-    assert len(shown.figures) == 16, [f["titles"] for f in shown.figures]
+    # 5 confusion matrices (pretrained, probe, scratch, tokens, egemaps), label efficiency, timeline
+    assert len(shown.figures) == 17, [f["titles"] for f in shown.figures]
     assert all(f["drawn"] and all(f["drawn"]) for f in shown.figures), shown.figures
     pred, truth = ns["pred"], ns["truth"]
     assert pred.top in pred.names and truth in pred.names

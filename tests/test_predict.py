@@ -34,7 +34,7 @@ from vqmae.stages.tokenize import train_tokenizers
 FACE = cv2.resize(astronaut()[0:260, 110:330], (128, 128))
 CFG = ["face.mode=haar", "audio_vq.steps=6", "visual_vq.steps=6", "audio_vq.batch_frames=64",
        "visual_vq.batch_frames=8", "audio_vq.warmup_steps=1", "visual_vq.warmup_steps=1",
-       "mae.width=32", "mae.heads=2", "mae.encoder_depth=1", "mae.head_dim=8",
+       "mae.width=32", "mae.heads=2", "mae.encoder_depth=1", "mae.head_dim=8", "mae.window_seconds=0.4",
        "finetune.inits=scratch", "finetune.folds=3", "finetune.epochs=2", "finetune.batch_size=8",
        "finetune.eval_modalities=av", "finetune.dropout=0.1", "store.segment_clips=4"]
 

@@ -417,7 +417,8 @@ def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
         raise CheckpointError(f"{path}: a classifier from before clip-level scoring (it averaged "
                               f"per-window outputs); fine-tune it again with this version")
     model = EmotionModel(mae_cfg, dims, len(task.names), cfg.finetune.pooling, cfg.finetune.dropout,
-                         speaker_norm="center" in ckpt["state_dict"], clip_pooling=cfg.finetune.clip_pooling)
+                         speaker_norm="center" in ckpt["state_dict"], clip_pooling=cfg.finetune.clip_pooling,
+                         head_norm=cfg.finetune.head_norm)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

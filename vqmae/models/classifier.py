@@ -57,6 +57,11 @@ from vqmae.models.transformer import Block
 DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
 POOLINGS = ("attention", "mean", "cls", "stats")
 CLIP_POOLINGS = ("attention", "mean")
+# Where the head's LayerNorm sits: "centered" normalises the speaker-centered concatenation (a clip
+# close to its speaker's mean — a neutral one — is scaled up to unit variance like any other);
+# "pooled" normalises each modality's window vector before centering, so the distance from the
+# speaker's mean reaches the linear layer as it is.
+HEAD_NORMS = ("centered", "pooled", "none")  # "none": the linear layer alone (a linear probe)
 
 
 class Pool(nn.Module):
@@ -148,7 +153,7 @@ class EmotionModel(nn.Module):
 
     def __init__(self, mae_cfg: MAEConfig, dims: MAEDims | Mapping[str, Any], n_outputs: int,
                  pooling: str = "attention", dropout: float = 0.0, speaker_norm: bool = False,
-                 clip_pooling: str = "attention"):
+                 clip_pooling: str = "attention", head_norm: str = "centered"):
         super().__init__()
         if n_outputs < 1:
             raise ValueError(f"n_outputs={n_outputs} must be positive")
@@ -163,7 +168,16 @@ class EmotionModel(nn.Module):
         self.speaker_norm = bool(speaker_norm)
         if self.speaker_norm:  # fallback speaker mean per presence pattern (see the module doc)
             self.register_buffer("center", torch.zeros(n_patterns(len(self.names)), len(self.names), w))
-        self.norm = nn.LayerNorm(w * len(self.names))
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"head_norm {head_norm!r}: expected one of {list(HEAD_NORMS)}")
+        self.head_norm = head_norm
+        if head_norm == "pooled":  # per modality, on each window vector, before any centering
+            self.pool_norm = nn.ModuleDict({m: nn.LayerNorm(w) for m in self.names})
+            self.norm = nn.Identity()
+        elif head_norm == "centered":  # on the centered, concatenated vector
+            self.norm = nn.LayerNorm(w * len(self.names))
+        else:
+            self.norm = nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(w * len(self.names), n_outputs)
         nn.init.trunc_normal_(self.out.weight, std=0.02)
@@ -179,7 +193,7 @@ class EmotionModel(nn.Module):
         xs, present = [], []
         for m in self.names:
             x, p = self.pool[m](enc.features[m], enc.visible[m])  # [B, D], [B]
-            xs.append(x)
+            xs.append(self.pool_norm[m](x) if self.head_norm == "pooled" else x)
             present.append(p)
         return torch.stack(xs, 1), torch.stack(present, 1)
 
@@ -203,11 +217,12 @@ class EmotionModel(nn.Module):
             ps.append(p_m)
         return torch.stack(xs, 1), torch.stack(ps, 1)
 
-    def head(self, x: torch.Tensor, present: torch.Tensor, table: torch.Tensor | None = None,
-             group: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled `[B, M, D]` + present `[B, M]` → outputs `[B, n_outputs]`. With speaker
-        normalisation, `table` `[G, P, M, D]` (NaN where a group lacks a pattern) and `group` `[B]`
-        give each sample's speaker mean; without them the `center` buffer is used."""
+    def centered(self, x: torch.Tensor, present: torch.Tensor, table: torch.Tensor | None = None,
+                 group: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled `[B, M, D]` + present `[B, M]` → the head's input `[B, M × D]`: with speaker
+        normalisation, each sample's speaker mean subtracted (`table` `[G, P, M, D]`, NaN where a
+        group lacks a pattern, and `group` `[B]`; without them the `center` buffer); an absent
+        modality replaced by its learned `absent` vector."""
         if self.speaker_norm:
             pattern = presence_pattern(present)
             c = self.center[pattern]  # [B, M, D]
@@ -218,8 +233,12 @@ class EmotionModel(nn.Module):
                 c = torch.where(torch.isnan(own), c, own)
             x = x - c.to(x.dtype)
         absent = torch.stack([self.absent[m] for m in self.names], 0).to(x.dtype)  # [M, D]
-        x = torch.where(present[..., None], x, absent)
-        return self.out(self.drop(self.norm(x.flatten(1))))
+        return torch.where(present[..., None], x, absent).flatten(1)
+
+    def head(self, x: torch.Tensor, present: torch.Tensor, table: torch.Tensor | None = None,
+             group: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled `[B, M, D]` + present `[B, M]` → outputs `[B, n_outputs]` (see `centered`)."""
+        return self.out(self.drop(self.norm(self.centered(x, present, table, group))))
 
     def forward(self, batch: Mapping[str, torch.Tensor], table: torch.Tensor | None = None,
                 group: torch.Tensor | None = None, clip: torch.Tensor | None = None,

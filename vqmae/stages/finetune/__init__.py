@@ -4,28 +4,31 @@
     classifier checkpoints and predictions
 
 A *unit* is one model trained and tested: (label fraction, fold, variant). Variants are the inits
-in ``cfg.finetune.inits`` — ``pretrained`` (encoder from the MAE) and ``scratch`` (the identical
-backbone, randomly initialised) — plus, with ``distill``, ``student`` (audio-only, distilled from
+in ``cfg.finetune.inits`` — ``pretrained`` (encoder from the MAE, fine-tuned), ``probe`` (its linear
+probe: the pretrained encoder frozen, a linear head fitted to convergence on speaker-centred mean
+clip vectors), ``scratch`` (the identical backbone, randomly initialised) and the baselines
+``tokens`` and ``egemaps`` — plus, with ``distill``, ``student`` (audio-only, distilled from
 the fold's pretrained audiovisual model) and ``audio_labels`` (the same audio-only model trained on
 labels alone). Within a (fraction, fold) every variant sees the same training windows in the same
 order and starts from the same head initialisation, so their difference is the backbone's.
 
 Rules (docs/design.md §6): folds are by speaker and cover every speaker (`vqmae.folds`); the epoch is
-selected on validation speakers carved from the training speakers; test clips are scored over all
-their non-overlapping windows with the logits (or values) averaged per clip; the test fold is never
-used for any choice. Each unit writes ``result.json`` last, atomically: a rerun skips finished
+selected on validation speakers carved from the training speakers; test clips are scored whole: all
+their non-overlapping windows are encoded and pooled into one clip vector by the model's learned
+clip pooling; the test fold is never used for any choice. Each unit writes ``result.json`` last, atomically: a rerun skips finished
 units and resumes an interrupted one from its last epoch (``last.pt``).
 
-Training windows: each epoch every training clip appears once per window that tiles it, at a
-random start (`vqmae.windows.WindowPlan`); audio-only clips take part in audiovisual models with
+Training samples are crops of whole clips: each epoch every training clip appears once per
+``clip_windows`` windows that tile it, as that many consecutive windows from a random start
+(`vqmae.windows.WindowPlan`), pooled like a test clip; audio-only clips take part in audiovisual models with
 their visual half absent. With ``modality_dropout`` p an audiovisual sample that has both
 modalities loses one of them (each with probability p/2), which is what lets one model be scored on
 audio alone or video alone.
 
 Speaker normalisation (``speaker_norm``, on by default; `vqmae.models.classifier`): at the start of every
-epoch each training speaker's mean pooled features are computed per presence pattern (no gradient)
+epoch each training speaker's mean clip vector is computed per presence pattern (no gradient)
 and subtracted from that speaker's samples; validation and test speakers are normalised by the mean
-over their own clips' windows (their labels are never used); the saved model stores the average of
+over their own clips (their labels are never used); the saved model stores the average of
 the training speakers' means for clips of an unknown speaker.
 
 Data-parallel under ``torchrun`` like stage 2: each rank trains on its slice of every global batch
@@ -52,7 +55,7 @@ from vqmae.audio import NoiseSpec
 from vqmae.checkpoint import check_resume, store_parents
 from vqmae.config import Config, FinetuneConfig, resolve_modalities
 from vqmae.noise import noisy_store
-from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, ClipWindows, FinetuneError, load_backbone
+from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, LINEAR, ClipWindows, FinetuneError, load_backbone
 from vqmae.stages.finetune.report import summarize, write_plots
 from vqmae.stages.finetune.trainer import Trainer, Unit, UnitResult, jsonable
 from vqmae.store import TokenStore
@@ -139,10 +142,11 @@ def _noisy_stores(store: Path, cfg: Config, run: Path, device: str, workers: int
 
 
 def _check_config(fcfg: FinetuneConfig) -> None:
-    bad = [v for v in fcfg.inits if v not in ("pretrained", "scratch", *BASELINES)]
+    bad = [v for v in fcfg.inits if v not in ("pretrained", "probe", "scratch", *BASELINES)]
     if bad or not fcfg.inits:
-        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected any of 'pretrained', 'scratch', "
-                            f"'tokens' (the bag-of-tokens baseline) and 'egemaps' (the eGeMAPS baseline)")
+        raise FinetuneError(f"finetune.inits {list(fcfg.inits)}: expected any of 'pretrained', 'probe' "
+                            f"(its linear probe), 'scratch', 'tokens' (the bag-of-tokens baseline) and "
+                            f"'egemaps' (the eGeMAPS baseline)")
     if fcfg.task not in TASKS:
         raise FinetuneError(f"finetune.task {fcfg.task!r}: expected one of {sorted(TASKS)}")
     single = TASKS[fcfg.task].single_label
@@ -192,11 +196,11 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
     fcfg = cfg.finetune
     largest = max(fcfg.label_fractions)
     variants = list(fcfg.inits) + (["student", "audio_labels"] if fcfg.distill else [])
-    if not (task.single_label or task.values):  # the linear baselines classify or regress
-        skipped = [v for v in variants if v in BASELINES]
+    if not (task.single_label or task.values):  # the linear models classify or regress
+        skipped = [v for v in variants if v in LINEAR]
         if skipped:
-            log.warning("baselines %s: no linear baseline for task %r; skipped", skipped, task.kind)
-        variants = [v for v in variants if v not in BASELINES]
+            log.warning("%s: no linear model for task %r; skipped", skipped, task.kind)
+        variants = [v for v in variants if v not in LINEAR]
     results = []
     for frac in sorted(fcfg.label_fractions):
         for i, fold in enumerate(fold_list):
@@ -214,6 +218,10 @@ def _run_units(trainer: Trainer, fold_list: list[folds_mod.Fold], cfg: Config, t
                     continue
                 if variant in BASELINES:
                     results.append(trainer.baseline_unit(unit, train, fold.val, fold.test))
+                    continue
+                if variant == "probe":
+                    results.append(trainer.probe_unit(unit, train, fold.val, fold.test,
+                                                      save_model=frac == largest))
                     continue
                 results.append(trainer.train_unit(unit, train, fold.val, fold.test,
                                                   save_model=frac == largest))

@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -155,6 +155,17 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> LinearModel:
     return LinearModel(mean, std, coef, bias)
 
 
+def linear_fit(task: Task, class_weight: np.ndarray | None = None, name: str = "baseline"
+               ) -> tuple[Callable[[np.ndarray, np.ndarray, float], LinearModel], tuple[float, ...]]:
+    """The linear model of a task and its penalties, increasing: (fit(x, y, penalty), penalties) —
+    logistic regression for a single-label task, ridge regression for values."""
+    if task.single_label:
+        return (lambda x, t, p: fit_logistic(x, t, len(task.names), p, class_weight)), PENALTIES
+    if task.values:
+        return fit_ridge, RIDGE_PENALTIES
+    raise ValueError(f"{name}: task {task.kind!r} has no linear model")
+
+
 def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
                  train: np.ndarray, val: np.ndarray, test: np.ndarray, modes: Sequence[str],
                  class_weight: np.ndarray | None = None, name: str = "baseline"
@@ -168,14 +179,7 @@ def run_baseline(features: Mapping[str, np.ndarray], y: np.ndarray, task: Task,
     rows used, outputs)}, mean validation score (``task.select_key``) of the chosen penalties,
     {mode: the fitted model})."""
     key = task.select_key
-    if task.single_label:
-        penalties = PENALTIES
-        fit = lambda x, t, p: fit_logistic(x, t, len(task.names), p, class_weight)  # noqa: E731
-    elif task.values:
-        penalties = RIDGE_PENALTIES
-        fit = fit_ridge
-    else:
-        raise ValueError(f"{name}: task {task.kind!r} has no linear baseline")
+    fit, penalties = linear_fit(task, class_weight, name)
     metrics, outputs, vals, models = {}, {}, [], {}
     for mode in modes:
         names = ("audio", "visual") if mode == "av" else (mode,)

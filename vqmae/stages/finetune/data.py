@@ -23,8 +23,9 @@ from vqmae.windows import batch_dict, make_batch, tile_windows, window_geometry
 CKPT_NAME = "classifier.pt"
 
 
-VARIANTS = ("pretrained", "scratch", "tokens", "egemaps", "student", "audio_labels")
+VARIANTS = ("pretrained", "probe", "scratch", "tokens", "egemaps", "student", "audio_labels")
 BASELINES = ("tokens", "egemaps")  # linear models of per-clip features, not trained by `Fit`
+LINEAR = ("probe", *BASELINES)  # fitted by a linear regression: single-label or value tasks only
 
 
 EVAL_MODES = ("av", "audio", "visual")
@@ -180,9 +181,10 @@ def load_backbone(store: TokenStore, cfg: Config, mae: str | Path | None) -> Bac
     MAE — today's `cfg.mae` on the store's dims (from-scratch runs only)."""
     parents = store_parents(store)
     if mae is None:
-        if "pretrained" in cfg.finetune.inits or cfg.finetune.distill:
-            raise FinetuneError("a pretrained MAE is needed (--mae mae.pt) for the 'pretrained' "
-                                "and distillation variants; use --from-scratch to train without one")
+        if {"pretrained", "probe"} & set(cfg.finetune.inits) or cfg.finetune.distill:
+            raise FinetuneError("a pretrained MAE is needed (--mae mae.pt) for the 'pretrained', "
+                                "'probe' and distillation variants; use --from-scratch to train "
+                                "without one")
         dims = MAEDims.from_specs(store.specs, cfg.mae)
         mode = mae_modalities(cfg.mae.modalities, store.specs)
         names = ("audio", "visual") if mode == "av" else (mode,)

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +22,7 @@ from vqmae.checkpoint import check_resume, load_checkpoint, restore_rng, save_ch
 from vqmae.config import Config, FinetuneConfig
 from vqmae.models.classifier import EmotionModel, center_table, drop_modality, load_encoder, mean_center
 from vqmae.stages.finetune import baseline, egemaps
+from vqmae.stages.finetune.head import fit_head
 from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, FinetuneError, pooled_clips,
                                         predict_clips, restrict)
 from vqmae.store import TokenStore
@@ -57,8 +58,9 @@ def _make_model(bb: Backbone, task: Task, fcfg: FinetuneConfig, seed: int, varia
                 device: str) -> EmotionModel:
     torch.manual_seed(seed)  # same head init for every variant of a (fraction, fold)
     model = EmotionModel(bb.mae_cfg, bb.dims, len(task.names), fcfg.pooling, fcfg.dropout,
-                         speaker_norm=fcfg.speaker_norm, clip_pooling=fcfg.clip_pooling)
-    if variant in ("pretrained", "student", "audio_labels"):
+                         speaker_norm=fcfg.speaker_norm, clip_pooling=fcfg.clip_pooling,
+                         head_norm=fcfg.head_norm)
+    if variant in ("pretrained", "probe", "student", "audio_labels"):
         load_encoder(model, bb.state)
     if fcfg.freeze:
         model.backbone.requires_grad_(False)
@@ -193,6 +195,12 @@ class Trainer:
         audio_only = unit.variant in ("student", "audio_labels")
         state = self._resume(out_dir / "last.pt", model, opt)
         epoch, best = state["epoch"], state["best"]
+        # a fitted head needs a linear model of the task (none for multilabel: the head starts random)
+        if fcfg.head_init == "fit" and epoch == 0 and not audio_only and (self.task.single_label or self.task.values):
+            if model.speaker_norm:  # the head is fitted on speaker-centred vectors
+                with torch.no_grad():
+                    model.center.copy_(mean_center(self._train_centers(model, train, False)))
+            self._fit_head(model, train, val)
         net = model
         if info.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -269,6 +277,40 @@ class Trainer:
         if unit.variant == "pretrained" and fcfg.distill:
             self.teachers[unit.seed_key] = self._teacher_logits(model, train)
         return res
+
+    def probe_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray,
+                   save_model: bool) -> UnitResult:
+        """The linear probe of the pretrained encoder: the encoder frozen, every patch of every
+        window mean-pooled into one vector per modality and clip, each speaker's mean subtracted
+        (as ``speaker_norm``), and a linear head fitted to convergence on those vectors — the same
+        logistic (ridge for values) regression and validation-chosen penalty as the baselines. The
+        training clips are presented audiovisually and, with two modalities, with each one alone,
+        so the probe scores audio or video alone as the fine-tuned models do. The fitted
+        standardisation is folded into the head: the result is an ordinary `EmotionModel`."""
+        t0 = time.perf_counter()
+        fcfg = replace(self.fcfg, pooling="mean", clip_pooling="mean", head_norm="none", speaker_norm=True,
+                       freeze=True, dropout=0.0)
+        model = _make_model(self.bb, self.task, fcfg, unit_seed(self.cfg.seed, unit.seed_key), "probe",
+                            self.device).eval()
+        best_score = self._fit_head(model, train, val)
+        with torch.no_grad():
+            model.center.copy_(mean_center(self._train_centers(model, train, False)))
+        result = self._test(unit, model, test, False)
+        result.update(best_epoch=0, val=best_score, epochs=0,
+                      seconds=time.perf_counter() - t0, n_train=len(train), n_val=len(val), n_test=len(test))
+        res = UnitResult(unit=unit.name, **result)
+        if self.info.main:
+            out_dir = self.run / "units" / unit.name
+            if save_model:
+                res.checkpoint = str(self._save_classifier(out_dir / CKPT_NAME, model, unit, res,
+                                                           replace(self.cfg, finetune=fcfg)))
+            atomic_write_json(out_dir / "result.json", res.to_dict())
+        return res
+
+    def _fit_head(self, model: EmotionModel, train: np.ndarray, val: np.ndarray) -> float:
+        cw = self._class_weight(train)
+        return fit_head(model, self.data, self.y, self.group, self.task, train, val,
+                        None if cw is None else cw.cpu().numpy(), self.fcfg.eval_batch, self.device)
 
     def baseline_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> UnitResult:
         """A linear baseline on this unit's clips (`vqmae.stages.finetune.baseline`): same folds,
@@ -409,7 +451,8 @@ class Trainer:
         return {"epoch": int(ex["epoch"]), "best": {"value": ex["best_value"], "epoch": int(ex["best_epoch"]),
                                                     "state": ex["best_state"]}}
 
-    def _save_classifier(self, path: Path, model, unit: Unit, res: UnitResult) -> Path:
+    def _save_classifier(self, path: Path, model, unit: Unit, res: UnitResult,
+                         cfg: Config | None = None) -> Path:
         extra = {"task": self.task.to_dict(), "dims": self.bb.dims.to_dict(),
                  "mae_config": asdict(self.bb.mae_cfg),
                  "variant": unit.variant, "fold": unit.fold.name, "fraction": unit.fraction,
@@ -417,7 +460,7 @@ class Trainer:
                  "val_speakers": list(unit.fold.val_speakers),
                  "tokenizers": _store_tokenizers(self.store), "store": str(self.store.path),
                  "mae": self.bb.mae_path or "", "best_epoch": res.best_epoch}
-        return save_checkpoint(path, kind="classifier", model=model, config=self.cfg,
+        return save_checkpoint(path, kind="classifier", model=model, config=cfg or self.cfg,
                                parents=self.bb.parents, step=res.best_epoch,
                                metrics=_flat_metrics(res.metrics), extra=extra)
 
