@@ -189,8 +189,7 @@ class FinetuneConfig:
     # 2022). All labels (docs/model-quality.md): speech 0.617 vs 0.550 UAR for "random" with the
     # "centered" norm; demo AV 0.912 vs 0.845.
     head_init: Literal["random", "fit"] = "fit"
-    # Patch dropout: the fraction of each training window's patches hidden from the encoder, at
-    # random (scoring sees every patch).
+    # patch dropout: the fraction of a training window's patches hidden from the encoder, at random
     patch_dropout: float = 0.0
     freeze: bool = False  # linear probe: the encoder stays as pretrained (or as initialised)
     # what to train: "pretrained" (from the MAE) and "scratch" (identical backbone, random init), and
