@@ -551,3 +551,26 @@ def test_scan_logs_detection_and_summary(tmp_path, caplog, capsys):
     assert "'n_audio_only': 1" in caplog.text
     assert capsys.readouterr().out == ""
     assert result.clips[0].label == "fearful" and dict(result.clips[0].meta)["gender"] == "male"
+
+
+def test_folder_scan_skips_and_lists_hostile_entries(tmp_path):
+    """Link loops, self-links, dangling links, a directory named like a media file and a link back
+    up the tree never crash a folder scan: each is skipped with its reason; real files are found."""
+    root = tmp_path / "corpus"
+    make_tree(root, ["spk1/ok.wav"])
+    os.symlink(root / "loop_b.mp4", root / "loop_a.mp4")
+    os.symlink(root / "loop_a.mp4", root / "loop_b.mp4")
+    os.symlink(root / "self.mp4", root / "self.mp4")
+    os.symlink(root / "missing.wav", root / "dangling.wav")
+    (root / "folder.mp4").mkdir()
+    os.symlink(root, root / "spk1" / "up")  # a directory cycle
+    skipped: list[tuple[str, str]] = []
+    found = [m.rel for m in iter_media(root, skipped)]
+    assert found == [("spk1", "ok.wav")]
+    reasons = {Path(p).name: r for p, r in skipped}
+    assert "loop" in reasons["loop_a.mp4"] and "loop" in reasons["loop_b.mp4"] and "loop" in reasons["self.mp4"]
+    assert "dangling" in reasons["dangling.wav"]
+    assert "directory named like a media file" in reasons["folder.mp4"]
+    assert "already scanned" in reasons["up"]
+    result = scan(root, kind="folder")  # the adapter reports them too, and does not raise
+    assert len(result.clips) == 1 and {Path(p).name for p, _ in result.skipped} >= {"loop_a.mp4", "self.mp4"}

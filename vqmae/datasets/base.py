@@ -8,6 +8,7 @@ not part of `vqmae.datasets`'s public API.
 
 from __future__ import annotations
 
+import errno
 import os
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -199,14 +200,36 @@ def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[MediaFile
         for e in entries:
             if e.name.startswith("."):
                 continue
-            if e.is_dir():
+            stem, ext = os.path.splitext(e.name)
+            media = ext.lower() in MEDIA_EXTS
+            try:
+                os.stat(e.path)  # follows links: a loop, a self-link or a dangling link fails here
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError as err:
+                if media or e.is_symlink():
+                    skipped.append((e.path, _entry_error(err, e.is_symlink())))
+                continue
+            if is_dir:
+                if media:
+                    skipped.append((e.path, f"a directory named like a media file ({ext})"))
+                    continue
                 yield from walk(e.path, (*rel, e.name))
-            elif e.is_file():
-                stem, ext = os.path.splitext(e.name)
-                if ext.lower() in MEDIA_EXTS:
+            elif media:
+                if is_file:
                     yield MediaFile(e.path, (*rel, e.name), stem, ext.lower())
+                else:
+                    skipped.append((e.path, "not a regular file (a device, socket or pipe)"))
 
     yield from walk(str(root), ())
+
+
+def _entry_error(err: OSError, link: bool) -> str:
+    """Why a directory entry cannot be read, in words."""
+    if err.errno == errno.ELOOP:
+        return "symlink loop (the link resolves to itself)"
+    if err.errno == errno.ENOENT and link:
+        return "dangling symlink (its target does not exist)"
+    return f"cannot read: {err.strerror or err}"
 
 
 def _meta(**fields_: str | None) -> tuple[tuple[str, str], ...]:
