@@ -25,17 +25,50 @@ def inspect(
     top: Annotated[int, typer.Option("--top", help="Rows per speaker/label table.")] = 15,
     usage: Annotated[bool, typer.Option("--usage/--no-usage",
                                         help="Count codebook usage (reads every code).")] = True,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk and check it against the "
+                                         "checksums recorded at merge time; exit 1 on damage.")] = False,
 ) -> None:
     """Describe a token store (modalities, tokenizers, hours, clips, failures, pending segments)
     or a checkpoint (kind, step, parents, metrics, config)."""
     if path.is_file():
         _print_checkpoint(path)
         return
+    from vqmae.store import StoreError
+
     store, info = _open(path)
     if store is not None:
-        _print_store(store, failures, top, usage)
+        try:
+            _print_store(store, failures, top, usage and not verify)
+        except StoreError as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from None
+        if verify:
+            _verify(store)
     if info.segments or info.n_tmp:
         _print_pending(path, info)
+
+
+def _verify(store: TokenStore) -> None:
+    """Every chunk checked (`vqmae.store.integrity`); the damaged ones listed, then exit 1."""
+    from vqmae.store.integrity import verify_store
+
+    damage, notes = verify_store(store)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+    chunks = sum(-(-store.n_frames(m) // store.chunk_rows(m)) for m in store.specs)
+    if not damage:
+        console.print(f"[green]verified:[/green] {chunks} chunks of {', '.join(store.specs)} codes, no damage")
+        return
+    table = Table(title=f"damaged chunks: {len(damage)} of {chunks}")
+    for col in ("modality", "chunk", "rows", "file", "reason", "clips"):
+        table.add_column(col)
+    from vqmae.store.integrity import chunk_file
+
+    for d in damage:
+        table.add_row(d.modality, str(d.chunk), f"{d.rows[0]}-{d.rows[1] - 1}", chunk_file(d.modality, d.chunk),
+                      d.reason, ", ".join(d.clips))
+    console.print(table)
+    raise typer.Exit(1)
 
 
 def _open(path: Path) -> tuple[TokenStore | None, PendingInfo]:

@@ -591,3 +591,68 @@ def test_inspect_not_a_store_exits_2(tmp_path, kind):
     assert "not a vqmae token store" in " ".join(result.output.split())  # rich wraps lines
     assert "thing" in result.output
     assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# damage
+
+
+def _damaged(tmp_path, reference, name="store.zarr"):
+    path = tmp_path / name
+    shutil.copytree(reference, path)
+    return path
+
+
+def test_missing_truncated_or_altered_chunks_are_found_not_read_as_codes(tmp_path, reference):
+    """A deleted chunk file reads as the fill value, not code 0; loading, window reads and
+    `verify_store` name the array, the chunk and its clips; a truncated file is an error naming
+    its path; rewritten rows fail the checksum; the intact store verifies clean."""
+    from vqmae.store.integrity import FILL, chunk_file, verify_store
+
+    damage, notes = verify_store(TokenStore.open(reference))
+    assert damage == [] and notes == []
+    # a missing chunk
+    path = _damaged(tmp_path, reference, "missing.zarr")
+    (path / chunk_file("audio", 1)).unlink()
+    s = TokenStore.open(path)
+    assert s._array("audio")[16:32].max() == FILL  # what zarr hands back for it
+    with pytest.raises(StoreError, match=r"audio/codes chunk 1 \(rows 16-31.*missing.*clips c0"):
+        s.codes("audio")
+    row = int(np.flatnonzero(s.clips["audio_start"] >= 16)[0])
+    with pytest.raises(StoreError, match="outside the codebook"):
+        s.read_windows("audio", np.array([row]), np.array([0]), 4)
+    damage, _ = verify_store(s)
+    assert [(d.modality, d.chunk, d.rows) for d in damage] == [("audio", 1, (16, 32))]
+    want = {str(c) for c, a, n in zip(s.clips["clip_id"], s.clips["audio_start"], s.clips["audio_length"])
+            if n and a < 32 and a + n > 16}
+    assert set(damage[0].clips) == want
+    # a truncated chunk file
+    path = _damaged(tmp_path, reference, "truncated.zarr")
+    f = path / chunk_file("visual", 0)
+    f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(StoreError, match=r"visual/codes/c/0/0"):
+        TokenStore.open(path).codes("visual")
+    damage, _ = verify_store(TokenStore.open(path))
+    assert [(d.modality, d.chunk) for d in damage] == [("visual", 0)] and "unreadable" in damage[0].reason
+    # rows rewritten with other valid codes
+    path = _damaged(tmp_path, reference, "altered.zarr")
+    arr = zarr.open_array(str(path / "audio" / "codes"), mode="r+")
+    arr[3] = (arr[3] + 1) % 16
+    with pytest.raises(StoreError, match="chunk 0.*checksum mismatch"):
+        TokenStore.open(path).codes("audio")
+
+
+def test_inspect_verify_exit_codes(tmp_path, reference):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from vqmae.store.integrity import chunk_file
+
+    ok = CliRunner().invoke(app, ["inspect", str(reference), "--verify"])
+    assert ok.exit_code == 0 and "no damage" in ok.output
+    path = _damaged(tmp_path, reference)
+    (path / chunk_file("audio", 0)).unlink()
+    bad = CliRunner().invoke(app, ["inspect", str(path), "--verify"])
+    assert bad.exit_code == 1 and "damaged chunks: 1" in bad.output
+    plain = CliRunner().invoke(app, ["inspect", str(path)])  # counting code usage meets the damage
+    assert plain.exit_code == 1

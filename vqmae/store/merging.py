@@ -28,6 +28,7 @@ import zarr
 from vqmae import __version__
 from vqmae.config import StoreConfig
 from vqmae.store.reader import TokenStore
+from vqmae.store.integrity import CRC_KEY, FILL, chunk_crcs
 from vqmae.store.schema import (FLOAT_COLUMNS, FORMAT, MERGE_BLOCK_BYTES, META, STR_COLUMNS, STRING,
                                 TABLE_CHUNK, ModalitySpec, StoreError, _merged_path, _now,
                                 _read_root_attrs, _specs_from_attrs, _specs_to_attrs, check_specs,
@@ -287,7 +288,8 @@ def _copy_codes(group: zarr.Group, name: str, spec: ModalitySpec, table: dict[st
     lengths = table[f"{name}_length"]
     total = int(lengths.sum())
     out = group.create_array(f"{name}/codes", shape=(total, spec.n_tokens), dtype=np.uint16,
-                             chunks=(chunk, spec.n_tokens))
+                             chunks=(chunk, spec.n_tokens), fill_value=FILL)
+    crcs: list[np.ndarray] = []  # per chunk, as written (writes start on chunk boundaries)
     block = max(chunk, MERGE_BLOCK_BYTES // (2 * spec.n_tokens) // chunk * chunk)
     mmaps: dict[int, np.ndarray] = {}
 
@@ -307,12 +309,19 @@ def _copy_codes(group: zarr.Group, name: str, spec: ModalitySpec, table: dict[st
             data = np.concatenate(buf)
             cut = buffered // chunk * chunk
             out[written:written + cut] = data[:cut]
+            crcs.append(chunk_crcs(data[:cut], chunk))
             written += cut
             buf, buffered = [data[cut:]], buffered - cut
     if buffered:
-        out[written:written + buffered] = np.concatenate(buf)
+        data = np.concatenate(buf)
+        out[written:written + buffered] = data
+        crcs.append(chunk_crcs(data, chunk))
         written += buffered
     assert written == total, (written, total)
+    crc = np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)
+    z = group.create_array(f"{name}/{CRC_KEY}", shape=crc.shape, chunks=(max(1, len(crc)),), dtype=np.uint32)
+    if len(crc):
+        z[:] = crc
 
 
 def _runs(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray,

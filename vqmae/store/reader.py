@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from vqmae.store.integrity import check_rows, raise_if_damaged, read_rows, recorded_crcs
 from vqmae.store.schema import (MERGE_BLOCK_BYTES, ModalitySpec, StoreError, _merged_path,
                                 _read_root_attrs, _specs_from_attrs, table_columns)
+
 
 class TokenStore:
     """Read side of a merged store: table and offsets in RAM, codes loaded or read in batches."""
@@ -83,9 +85,12 @@ class TokenStore:
         return self._arrays[name]
 
     def codes(self, name: str) -> np.ndarray:
-        """The whole codes array, uint16 [n_frames_total, tokens], loaded into RAM once."""
+        """The whole codes array, uint16 [n_frames_total, tokens], loaded into RAM once and checked
+        against the merge's chunk checksums (`vqmae.store.integrity`): damage is a `StoreError`."""
         if name not in self._loaded:
-            self._loaded[name] = self._array(name)[:]
+            arr = read_rows(self, name, 0, self.n_frames(name))
+            raise_if_damaged(self, check_rows(self, name, arr, 0, recorded_crcs(self, name)))
+            self._loaded[name] = arr
         return self._loaded[name]
 
     def is_loaded(self, name: str) -> bool:
@@ -95,7 +100,16 @@ class TokenStore:
         """One clip's codes, uint16 [length, tokens] (table row `row`)."""
         s, n = int(self.clips[f"{name}_start"][row]), int(self.clips[f"{name}_length"][row])
         src = self._loaded.get(name)
-        return src[s:s + n] if src is not None else self._array(name)[s:s + n]
+        return src[s:s + n] if src is not None else self._checked(name, read_rows(self, name, s, s + n))
+
+    def _checked(self, name: str, block: np.ndarray) -> np.ndarray:
+        """Rows read from zarr, refused when they hold ids outside the codebook (a missing chunk
+        reads as the fill value, `vqmae.store.integrity.FILL`)."""
+        if block.size and int(block.max()) >= self.specs[name].codebook_size:
+            raise StoreError(f"damaged token store: {self.path}: {name}/codes holds ids outside "
+                             f"the codebook (a missing or altered chunk); run `vqmae inspect "
+                             f"--verify {self.path}` for the chunks and clips")
+        return block
 
     def read_windows(self, name: str, rows: np.ndarray, starts: np.ndarray,
                      length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +136,7 @@ class TokenStore:
             out = src[index]  # [B, L, tokens]
         else:
             uniq, inverse = np.unique(index[valid], return_inverse=True)
-            block = self._array(name).oindex[uniq, :]  # [n_unique, tokens]
+            block = self._checked(name, self._array(name).oindex[uniq, :])  # [n_unique, tokens]
             out = np.zeros(index.shape + (self.specs[name].n_tokens,), np.uint16)
             out[valid] = block[inverse]
         out[~valid] = 0
@@ -144,7 +158,7 @@ class TokenStore:
         step = max(arr.chunks[0], MERGE_BLOCK_BYTES // max(1, 2 * arr.shape[1]) // arr.chunks[0]
                    * arr.chunks[0])
         for a in range(0, arr.shape[0], step):
-            yield arr[a:a + step]
+            yield self._checked(name, read_rows(self, name, a, a + step))
 
     def failures(self) -> list[tuple[str, str, str]]:
         """(clip_id, path, "stage: reason") for every failed clip, in table order."""

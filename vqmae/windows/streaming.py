@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vqmae.store import ModalitySpec, TokenStore
+from vqmae.store import ModalitySpec, StoreError, TokenStore
 from vqmae.windows.geometry import WindowBatch, WindowGeometry, _check_dist, gather, make_batch
 
 
@@ -79,7 +79,16 @@ class StreamingWindows(IterableDataset):
         for m in self.specs:
             a = int(self.start[m][clip_lo])
             b = int((self.start[m][clip_lo:clip_hi] + self.length[m][clip_lo:clip_hi]).max())
-            out[m] = (self._arrays[m][a:b], a)
+            try:
+                rows = self._arrays[m][a:b]
+            except Exception as e:  # a truncated or corrupt chunk file
+                raise StoreError(f"damaged token store: {self.path}: cannot read {m}/codes rows "
+                                 f"{a}-{b - 1} ({type(e).__name__}: {e}); run `vqmae inspect "
+                                 f"--verify {self.path}`") from None
+            if rows.size and int(rows.max()) >= self.specs[m].codebook_size:  # a missing chunk
+                raise StoreError(f"damaged token store: {self.path}: {m}/codes rows {a}-{b - 1} hold "
+                                 f"ids outside the codebook; run `vqmae inspect --verify {self.path}`")
+            out[m] = (rows, a)
         return out
 
     def _group(self, epoch: int, blocks: np.ndarray, carry: _Pending | None) -> _Pending:
