@@ -62,3 +62,5 @@ def _print_summary(report: IngestReport) -> None:
             ft.add_row(p, "scan", reason)
         console.print(ft)
     console.print(f"results in [bold]{run}[/bold] (clips.jsonl, failures.csv, summary.json, faces.png)")
+    if failures:  # the exit-code rule of every command: 1 when some inputs failed
+        raise typer.Exit(1)

@@ -60,9 +60,11 @@ def tokenize(
     if result.evaluation is not None:
         _print_eval(result.evaluation, result.tokenizers)
     if train_only:
-        _print_failures(result.failures, result.failures_csv)
-        return
-    _print_summary(result)
+        _print_failures(result.failures, result.failures_csv, result.skipped)
+    else:
+        _print_summary(result)
+    if result.failures:  # the exit-code rule of every command: 1 when some inputs failed
+        raise typer.Exit(1)
 
 
 def _print_eval(evaluation: dict, directory: Path) -> None:
@@ -85,6 +87,7 @@ def _print_summary(result: TokenizeResult) -> None:
     table.add_row("clips encoded now", str(result.encoded))
     table.add_row("clips already done (resumed)", str(result.skipped_done))
     table.add_row("failed clips", str(len(failed)))
+    table.add_row("inputs skipped at scan", str(len(result.skipped)))
     if result.merged:
         from vqmae.store import TokenStore
 
@@ -94,16 +97,19 @@ def _print_summary(result: TokenizeResult) -> None:
                                           f"(codebook {spec.codebook_size}, grid {list(spec.grid)})")
     table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
-    _print_failures(failed, result.failures_csv)
+    _print_failures(failed, result.failures_csv, result.skipped)
     console.print(f"run directory: [bold]{run}[/bold]")
 
 
-def _print_failures(failed: list[Failure], csv_path: Path) -> None:
-    if not failed:
+def _print_failures(failed: list[Failure], csv_path: Path, skipped: list[tuple[str, str]] = ()) -> None:
+    if not failed and not skipped:
         return
-    ft = Table(title=f"failed files ({len(failed)}), also in {csv_path}")
+    ft = Table(title=f"failed files ({len(failed)}) and inputs skipped at scan ({len(skipped)}), "
+                     f"also in {csv_path}")
     for col in ("file", "stage", "reason"):
         ft.add_column(col, overflow="fold")
     for f in failed[:50]:
         ft.add_row(f.path, f.stage, f.reason)
+    for p, reason in list(skipped)[: max(0, 50 - len(failed))]:
+        ft.add_row(p, "scan", reason)
     console.print(ft)

@@ -44,6 +44,7 @@ def make_corpus(root, n_video=6, n_audio=2, bad=True):
     if bad:
         (root / "broken.mp4").write_bytes(b"\0" * 500)
         rows.append(["broken.mp4", "s9", "sad"])
+        rows.append(["gone.mp4", "s9", "sad"])  # listed, never written: skipped at scan
     with open(root / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "speaker", "label"])
@@ -51,9 +52,10 @@ def make_corpus(root, n_video=6, n_audio=2, bad=True):
     return root / "manifest.csv"
 
 
-def run_cli(args):
+def run_cli(args, code=0):
+    """Run the CLI; `code` 1 when some inputs fail (the corpus's broken.mp4), as every command does."""
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == code, res.output
     return res
 
 
@@ -64,7 +66,7 @@ def trained(tmp_path_factory):
     store = tmp / "a.zarr"
     run = tmp / "run"
     res = run_cli(["tokenize", str(manifest), "--out", str(store), "--run-dir", str(run),
-                   "--face", "haar", "--workers", "0", "--device", "cpu", *FAST])
+                   "--face", "haar", "--workers", "0", "--device", "cpu", *FAST], code=1)
     return tmp, manifest, store, run, res
 
 
@@ -89,7 +91,9 @@ def test_train_and_encode(trained):
     assert (run / "metrics.jsonl").read_text().count("\n") >= 4
     failures = list(csv.reader(open(run / "failures.csv")))
     assert failures[1][0].endswith("broken.mp4") and failures[1][1] == "video"
-    assert "tokenize summary" in res.output
+    # every input accounted for: the listed file that does not exist is in the list too
+    assert [r[1] for r in failures[1:] if "gone.mp4" in r[0]] == ["scan"]
+    assert "tokenize summary" in res.output and "inputs skipped at scan" in res.output
 
 
 def test_second_corpus_with_same_tokenizers(trained, tmp_path):
@@ -109,7 +113,7 @@ def test_store_refuses_other_tokenizers(trained, tmp_path):
     tmp, manifest, store, run, _ = trained
     other_run = tmp_path / "run3"
     run_cli(["tokenize", str(manifest), "--out", str(tmp_path / "c.zarr"), "--run-dir", str(other_run),
-             "--train-only", "--face", "haar", "--workers", "0", *FAST, "--set", "seed=1"])
+             "--train-only", "--face", "haar", "--workers", "0", *FAST, "--set", "seed=1"], code=1)
     res = CliRunner().invoke(app, ["tokenize", str(manifest), "--out", str(store), "--tokenizers",
                                    str(other_run / "tokenizers"), "--face", "haar", "--workers", "0",
                                    "--run-dir", str(tmp_path / "r4"), *FAST])

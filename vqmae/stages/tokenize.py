@@ -12,6 +12,7 @@ skips clips already committed, so an interrupted run resumes without losing or d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -322,6 +323,9 @@ class TokenizeResult:
     evaluation: dict[str, dict[str, float]] | None
     failures_csv: Path
     seconds: float
+    # inputs the scan could not use (duplicates, unreadable entries, link loops...): (path, reason),
+    # listed in the failures CSV with stage "scan"
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path, *,
@@ -336,7 +340,8 @@ def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path
     `modalities` None: audio and visual when any clip has video, else audio alone."""
     t0 = time.perf_counter()
     run, out = Path(run_dir), Path(out)
-    clips = scan(data, kind).clips  # before the run directory is made: a bad corpus leaves none
+    scanned = scan(data, kind)  # before the run directory is made: a bad corpus leaves none
+    clips, skipped = scanned.clips, list(scanned.skipped)
     if modalities is None:
         modalities = ("audio", "visual") if any(c.has_video for c in clips) else ("audio",)
     run.mkdir(parents=True, exist_ok=True)
@@ -355,9 +360,9 @@ def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path
     # concurrent shards share the run directory: one failures file each
     csv_path = run / ("failures.csv" if shard == (0, 1) else f"failures-shard{shard[0]}of{shard[1]}.csv")
     if train_only:
-        write_failures(csv_path, failures)
+        write_failures(csv_path, failures, skipped)
         return TokenizeResult(out, run, Path(tokenizers), 0, 0, False, failures, evaluation, csv_path,
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, skipped)
     loaded = load_tokenizers(tokenizers, modalities, device)
     result = encode_corpus(clips, cfg, out, loaded, shard=shard, device=device, workers=workers,
                            reporter=reporter)
@@ -365,15 +370,17 @@ def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path
     known = {f.path for f in failed}
     failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
     failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
-    write_failures(csv_path, failed)
+    write_failures(csv_path, failed, skipped)
     return TokenizeResult(out, run, Path(tokenizers), result.encoded, result.skipped_done, result.merged,
-                          failed, evaluation, csv_path, time.perf_counter() - t0)
+                          failed, evaluation, csv_path, time.perf_counter() - t0, skipped)
 
 
-def write_failures(path: Path, failures: Sequence[Failure]) -> None:
-    """path,stage,reason per failed input (atomic)."""
+def write_failures(path: Path, failures: Sequence[Failure],
+                   skipped: Sequence[tuple[str, str]] = ()) -> None:
+    """path,stage,reason per failed input, then per input skipped at scan (stage "scan"); atomic."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "stage", "reason"])
     w.writerows([[f.path, f.stage, f.reason] for f in failures])
+    w.writerows([[p, "scan", reason] for p, reason in skipped])
     atomic_write_bytes(path, buf.getvalue().encode())
