@@ -68,3 +68,18 @@ def test_predict_modes_match_stage():
     from vqmae.stages.predict import MODES
 
     assert CLI_MODES == MODES
+
+
+def test_refused_commands_leave_no_run_directory(tmp_path, monkeypatch):
+    """A command that fails on its arguments (here: no such store) exits 2 and writes nothing."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["pretrain", "nosuch.zarr"], ["finetune", "nosuch.zarr", "--from-scratch"],
+                 ["tokenize", "nosuch", "--out", "x.zarr"], ["ingest", "nosuch"],
+                 ["evaluate", "nosuchrun", "nosuch.zarr"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert not list(tmp_path.iterdir()), (args, list(tmp_path.rglob("*")))

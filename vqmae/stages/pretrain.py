@@ -265,11 +265,11 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     """
     info, device = init_distributed(device)
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     pcfg = cfg.pretrain
     store = TokenStore.open(store_path)
     cfg = resolve_modalities(cfg, store.specs)  # the checkpoint records the concrete modalities
     data = WindowData(store, cfg, rank=info.rank, world_size=info.world_size)
+    run.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
     dims = MAEDims.from_specs(store.specs, cfg.mae)
     parents = store_parents(store)
     torch.manual_seed(cfg.seed)

@@ -86,10 +86,10 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
     fcfg = cfg.finetune
     _check_config(fcfg)
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     store = TokenStore.open(store_path)
     cfg = resolve_modalities(cfg, store.specs)  # from scratch: the store's modalities
     bb = load_backbone(store, cfg, mae)
+    run.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
     _check_run_config(run, cfg, info)
     if noisy_stores is None:
         noisy_stores = _noisy_stores(Path(store_path), cfg, run, device, workers, reporter, info)
