@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from vqmae.utils import autocast_context
@@ -162,7 +161,8 @@ class Fit:
         ctx = autocast_context(self.device)
         self.reporter.start(self.name, self.total_steps)
         self.reporter.advance(self.name, start)
-        window: list[dict[str, float]] = []
+        window: list[dict[str, torch.Tensor]] = []
+        finite: torch.Tensor | None = None  # all losses since the last check finite
         t0, n_samples, last_log = time.perf_counter(), 0, start
         step = start
         while step < stop:
@@ -171,15 +171,21 @@ class Fit:
             with ctx:
                 out = step_fn(step)
             loss = out.loss.float()
-            self._check_finite(loss, step)
+            # no host sync per step: finiteness is accumulated on the device and checked when a
+            # row is logged or a hook is due (before any checkpoint could be written)
+            finite = torch.isfinite(loss.detach()) if finite is None else finite & torch.isfinite(loss.detach())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.opt.step()
             step += 1
             n_samples += out.n * self.info.world_size
-            window.append({"loss/total": loss.item(), "grad_norm": float(grad_norm),
-                           **{k: float(v) for k, v in out.metrics.items()}})
+            window.append({"loss/total": loss.detach(), "grad_norm": grad_norm.detach(),
+                           **{k: torch.as_tensor(v).detach().to(loss.device) for k, v in out.metrics.items()}})
+            due = step % log_every == 0 or step == stop or any(step % p == 0 for p, _ in hooks)
+            if due:
+                self._check_finite(finite, step)
+                finite = None
             if step % log_every == 0 or step == stop:
                 row = self._row(window, keys, step, n_samples, t0)
                 window = []
@@ -194,21 +200,27 @@ class Fit:
         self.reporter.finish(self.name)
         return step
 
-    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Raise on a NaN / inf loss, on every rank at once (one rank raising alone would leave the
-        others waiting in the next collective)."""
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
+    def _check_finite(self, finite: torch.Tensor | None, step: int) -> None:
+        """Raise when a loss since the last check was NaN / inf, on every rank at once (one rank
+        raising alone would leave the others waiting in the next collective)."""
+        if finite is None:
+            return
+        ok = finite.to(torch.int32)
         if self.info.enabled:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite):
-            raise FloatingPointError(f"{self.name}: non-finite loss ({loss.item()} on rank "
-                                     f"{self.info.rank}) at step {step}")
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not bool(ok):
+            raise FloatingPointError(f"{self.name}: non-finite loss (rank {self.info.rank}) at or "
+                                     f"before step {step}")
 
-    def _row(self, window: list[dict[str, float]], keys: Sequence[str] | None, step: int,
+    def _row(self, window: list[dict[str, torch.Tensor]], keys: Sequence[str] | None, step: int,
              n_samples: int, t0: float) -> dict[str, float]:
+        """The window's per-key means (one host transfer for all of them)."""
         keys = list(keys) if keys is not None else list(window[0])
-        row = {k: float(np.mean(vals)) if (vals := [w[k] for w in window if k in w]) else math.nan
-               for k in keys}
+        means = [torch.stack([w[k].float().reshape(()) for w in window if k in w]).mean()
+                 if any(k in w for w in window) else None for k in keys]
+        values = torch.stack([m for m in means if m is not None]).tolist() if any(m is not None for m in means) else []
+        it = iter(values)
+        row = {k: (next(it) if m is not None else math.nan) for k, m in zip(keys, means)}
         row = all_reduce_mean(row, self.info, self.device)
         return {"step": step, "lr": self.opt.param_groups[0]["lr"],
                 "samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9), **row}
