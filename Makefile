@@ -76,12 +76,12 @@ finetune:  ## stage 3 on STORE: 4 speaker folds, pretrained vs from scratch vs t
 	$(BIN)/vqmae finetune $(STORE) --mae $(RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
 		--label-fraction $(FRACTIONS) --run $(RUN)/finetune
 
-predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained or scratch) that did best on its validation speakers
+predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained, probe or scratch) that did best on its validation speakers
 	@test -f $(RUN)/finetune/folds.json || { echo "no $(RUN)/finetune/folds.json: run make finetune first"; exit 2; }
 	@SPK=$$($(BIN)/python -c "import json; print(json.load(open('$(RUN)/finetune/folds.json'))[0]['test_speakers'][0])"); \
 	MODEL=$$($(BIN)/python -c "import json, pathlib; \
 	fold = json.load(open('$(RUN)/finetune/folds.json'))[0]['name']; \
-	units = [pathlib.Path('$(RUN)/finetune/units', v, 'frac1', fold, 'result.json') for v in ('pretrained', 'scratch')]; \
+	units = [pathlib.Path('$(RUN)/finetune/units', v, 'frac1', fold, 'result.json') for v in ('pretrained', 'probe', 'scratch')]; \
 	best = max(units, key=lambda p: (json.load(open(p))['val'], p.parts[-4] == 'pretrained')); \
 	print(best.parent / 'classifier.pt')"); \
 	echo "held-out speaker $$SPK (true labels: $(DATA)/manifest.csv); model $$MODEL (best on the validation speakers)"; \
