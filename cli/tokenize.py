@@ -69,14 +69,17 @@ def tokenize(
 
 def _print_eval(evaluation: dict, directory: Path) -> None:
     """Held-out evaluation: codebook use and error (ratio: the tokenizer's error over predicting the
-    mean frame), and for audio how much pitch and energy the decoded frames keep."""
+    mean frame); for audio how much pitch and energy the decoded frames keep, for video how much of
+    the mouth's and eyes' expression detail and of the face colour."""
     table = Table(title=f"tokenizers in {directory} (held-out clips)")
-    for col in ("", "frames", "usage", "perplexity", "error ratio", "F0 corr", "F0 ±5%", "energy corr"):
+    keys = ("f0_corr", "f0_within_5pct", "energy_corr", "mouth_kept", "eyes_kept", "colour_corr")
+    for col in ("", "frames", "usage", "perplexity", "error ratio", "F0 corr", "F0 ±5%", "energy corr",
+                "mouth kept", "eyes kept", "colour corr"):
         table.add_column(col, justify="right")
     for m, e in evaluation.items():
-        prosody = [f"{e[k]:.3f}" if e.get(k) is not None else "-" for k in ("f0_corr", "f0_within_5pct", "energy_corr")]
+        kept = [f"{e[k]:.3f}" if e.get(k) is not None else "-" for k in keys]
         table.add_row(m, str(e["frames"]), f"{e['usage']:.1%}", f"{e['perplexity']:.1f}", f"{e['ratio']:.3f}",
-                      *prosody)
+                      *kept)
     console.print(table)
 
 

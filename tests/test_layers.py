@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lowest first; a module belongs to the floor of its longest listed prefix
 FLOORS = [
     ["vqmae", "vqmae.config", "vqmae.utils", "vqmae.isolate", "vqmae.metrics"],
-    ["vqmae.audio", "vqmae.prosody", "vqmae.media", "vqmae.faces", "vqmae.framepool", "vqmae.plots",
+    ["vqmae.audio", "vqmae.prosody", "vqmae.expression", "vqmae.media", "vqmae.faces", "vqmae.framepool", "vqmae.plots",
      "vqmae.datasets", "vqmae.folds", "vqmae.demo"],
     ["vqmae.store", "vqmae.models"],
     ["vqmae.checkpoint", "vqmae.ingest", "vqmae.windows", "vqmae.training", "vqmae.tasks",

@@ -34,6 +34,7 @@ from vqmae.encoding import TokenizeError, encode_corpus, store_failures
 from vqmae.framepool import FramePool
 from vqmae.ingest import ClipData, Failure, ingest
 from vqmae.models.tokenizers import build_tokenizer, decode_codes, encode_frames, faces_to_tensor
+from vqmae.expression import expression_agreement
 from vqmae.prosody import prosody_agreement
 from vqmae.training import Fit, MetricsLog, Reporter, StepOut, base_lrs
 from vqmae.utils import atomic_write_bytes, atomic_write_json
@@ -188,7 +189,9 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
     Audio error is the Itakura-Saito divergence (the training loss); visual error is pixel MSE in
     [-0.5, 0.5] units. `ratio` = model error / mean-frame error (lower is better, < 0.5 required).
     Given the features' `audio_cfg`, audio also reports how well the decoded frames keep pitch and
-    energy (`vqmae.prosody.prosody_agreement`: f0_corr, f0_within_5pct, energy_corr).
+    energy (`vqmae.prosody.prosody_agreement`: f0_corr, f0_within_5pct, energy_corr); visual, how
+    much of the mouth's and eyes' expression detail and of the face colour the decoded crops keep
+    (`vqmae.expression.expression_agreement`: mouth_kept, eyes_kept, colour_corr).
     """
     codes = encode_frames(model, modality, frames, device)
     recon = decode_codes(model, modality, codes, device)
@@ -203,6 +206,7 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
         f = frames.astype(np.float32) / 255
         err = float(np.mean((f - recon.astype(np.float32) / 255) ** 2))
         base = float(np.mean((f - train_mean.astype(np.float32) / 255) ** 2))
+        extra = expression_agreement(np.asarray(frames, np.uint8), np.clip(recon, 0, 255).astype(np.uint8))
     p = counts / max(1, counts.sum())
     perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
     return {"frames": int(len(frames)), "usage": float((counts > 0).mean()), "perplexity": perplexity,
