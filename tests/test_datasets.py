@@ -574,3 +574,17 @@ def test_folder_scan_skips_and_lists_hostile_entries(tmp_path):
     assert "already scanned" in reasons["up"]
     result = scan(root, kind="folder")  # the adapter reports them too, and does not raise
     assert len(result.clips) == 1 and {Path(p).name for p, _ in result.skipped} >= {"loop_a.mp4", "self.mp4"}
+
+
+def test_manifest_rows_pointing_at_link_loops_say_so(tmp_path):
+    root = tmp_path / "m"
+    make_tree(root, ["ok.wav"])
+    os.symlink(root / "b.wav", root / "a.wav")
+    os.symlink(root / "a.wav", root / "b.wav")
+    os.symlink(root / "gone.wav", root / "dangling.wav")
+    (root / "manifest.csv").write_text("path,speaker\nok.wav,s1\na.wav,s1\ndangling.wav,s1\nmissing.wav,s1\n")
+    result = scan(root / "manifest.csv")
+    assert [c.path.endswith("ok.wav") for c in result.clips] == [True]
+    reasons = {Path(p).name: r for p, r in result.skipped}
+    assert "symlink loop" in reasons["a.wav"] and "dangling symlink" in reasons["dangling.wav"]
+    assert "does not exist" in reasons["missing.wav"]

@@ -4,13 +4,14 @@ with their speaker, labels, dimensions and split; for corpora whose names carry 
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
 from collections import Counter
 from pathlib import Path
 
 from vqmae.datasets.base import (EMOTIONS, MEDIA_EXTS, SPLIT_ALIASES, Adapter, ClipInfo, DatasetError,
-                                 Found, _ext, canonical_emotion, is_video)
+                                 Found, _entry_error, _ext, canonical_emotion, is_video)
 
 CSV_REQUIRED = ("path", "speaker")
 CSV_NUMBERS = ("valence", "arousal", "dominance")
@@ -98,8 +99,12 @@ def _csv_header(reader: csv.DictReader, manifest: Path) -> list[str]:
 
 
 def _csv_media_problem(path: Path, where: str) -> str | None:
-    if not path.exists():
-        return f"listed at {where} but does not exist"
+    try:
+        os.stat(path)
+    except OSError as e:  # missing, a symlink loop, a dangling link, no permission
+        if e.errno == errno.ENOENT and not os.path.islink(path):
+            return f"listed at {where} but does not exist"
+        return f"listed at {where} but {_entry_error(e, os.path.islink(path))}"
     if not path.is_file():
         return f"listed at {where} but is not a file"
     if _ext(path.name) not in MEDIA_EXTS:
