@@ -111,3 +111,24 @@ def test_audio_file_with_no_samples(media_dir):
     path = write_wav(media_dir / "empty.wav", np.zeros(0, np.float32))
     with pytest.raises(MediaError, match=r"empty\.wav: .*(no samples|cannot open|no audio)"):
         read_audio(path)
+
+
+def test_opus_audio_is_read_and_scanned(tmp_path):
+    """.opus (common in web-scraped speech corpora) is an audio extension: scanned and decoded."""
+    import av
+
+    from vqmae.datasets import scan
+
+    path = tmp_path / "spk1" / "clip.opus"
+    path.parent.mkdir()
+    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(48000) / 48000)).astype(np.float32)
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("libopus", rate=48000)
+        frame = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    x = read_audio(path, 16000)
+    assert abs(len(x) - 16000) < 400 and np.abs(x).max() > 0.1
+    clips = scan(tmp_path, kind="folder").clips
+    assert [c.path for c in clips] == [str(path)] and not clips[0].has_video

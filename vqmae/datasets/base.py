@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Iterator, NamedTuple
 
 # Listed in order of preference when one clip exists in several formats.
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".flv", ".webm", ".m4v")
-AUDIO_EXTS = (".wav", ".flac", ".m4a", ".ogg", ".mp3")
+AUDIO_EXTS = (".wav", ".flac", ".m4a", ".ogg", ".opus", ".mp3")
 MEDIA_EXTS = VIDEO_EXTS + AUDIO_EXTS
 
 EMOTIONS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
