@@ -25,7 +25,7 @@ from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
 from vqmae.isolate import Outcome, isolated_map
-from vqmae.media import MediaError, iter_video, read_audio
+from vqmae.media import MediaError, iter_video, read_audio, stream_kinds
 
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIE
     out = ClipData(clip)
     want_video = "visual" in modalities and clip.has_video
     want_audio = "audio" in modalities
+    if want_video and stream_kinds(clip.path) == {"audio"}:  # a video extension holding audio only
+        log.info("%s: no video stream, read as an audio clip", clip.path)
+        want_video = False
     if not want_video and not want_audio:
         raise ClipError(clip.path, "scan", f"clip has none of the requested modalities {tuple(modalities)}")
     if want_video:

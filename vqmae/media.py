@@ -75,6 +75,18 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     return wave
 
 
+def stream_kinds(path: str | os.PathLike) -> set[str] | None:
+    """The kinds of stream a container holds ({"video", "audio"}, per PyAV), or None when PyAV
+    cannot open it (the decoders then report why)."""
+    try:
+        import av
+
+        with av.open(str(path)) as c:
+            return {s.type for s in c.streams if s.type in ("video", "audio")}
+    except Exception:  # noqa: BLE001 — any failure here is reported by the real decoder
+        return None
+
+
 def _open_video(path: Path, max_side: int):
     from decord import VideoReader, cpu
 
