@@ -131,7 +131,7 @@ def test_truncated_corrupt_and_missing_files_name_the_file(tmp_path, saved):
         load_checkpoint(cut)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a checkpoint \(a torch checkpoint is a zip"):
         load_checkpoint(junk)
     with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint file does not exist"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -319,7 +319,7 @@ def test_cli_summary_and_errors(built, tmp_path, monkeypatch):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for path, why in ((tmp_path / "missing.pt", "checkpoint file does not exist"),
-                      (bad, "cannot read checkpoint"),
+                      (bad, "not a checkpoint"),
                       (toks["audio"], "kind is 'audio_vqvae', expected 'classifier'")):
         res = CliRunner().invoke(_cli(), [str(path), "--out", str(tmp_path / "never")])
         out = " ".join(res.output.split())

@@ -132,3 +132,13 @@ def test_opus_audio_is_read_and_scanned(tmp_path):
     assert abs(len(x) - 16000) < 400 and np.abs(x).max() > 0.1
     clips = scan(tmp_path, kind="folder").clips
     assert [c.path for c in clips] == [str(path)] and not clips[0].has_video
+
+
+def test_decoder_internals_become_reasons():
+    from vqmae.media import plain_reason
+
+    assert plain_reason("Check failed: st_nb >= 0 (-1381258232 vs. 0) ERROR cannot find video stream") == \
+        "no video stream in the file"
+    assert "corrupt or truncated" in plain_reason("av_read_frame failed with 1094995529")
+    assert plain_reason("Check failed: x == y").startswith("unsupported or damaged stream")
+    assert plain_reason("some other reason") == "some other reason"

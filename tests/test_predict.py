@@ -321,7 +321,7 @@ def test_cli_bad_model_exits_2(setup, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     tokenizer = tmp / "tok" / "tokenizers" / "audio_vqvae.pt"
-    for model, why in ((bad, "cannot read checkpoint"), (tokenizer, "kind is 'audio_vqvae', expected 'classifier'")):
+    for model, why in ((bad, "not a checkpoint"), (tokenizer, "kind is 'audio_vqvae', expected 'classifier'")):
         res = CliRunner().invoke(_cli(), [str(corpus), "--model", str(model), "--workers", "0"])
         out = " ".join(res.output.split())
         assert res.exit_code == 2 and model.name in out and why in out, out

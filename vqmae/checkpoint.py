@@ -196,6 +196,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is another file
+        raise CheckpointError(f"{path}: not a checkpoint (a torch checkpoint is a zip archive; this "
+                              f"file is {'empty' if not magic else 'something else'})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ... by cause

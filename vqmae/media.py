@@ -31,12 +31,24 @@ class MediaError(Exception):
 
 
 def _first_line(e: Exception) -> str:
-    """decord errors carry a C++ source location prefix and stack text; keep the useful part."""
+    """decord errors carry a C++ source location prefix and stack text; keep the useful part, in
+    words a user can act on (`plain_reason`)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "ERROR opening:" in text:
         text = text.split("ERROR opening:", 1)[1].split(",", 1)[-1].strip()
     elif "] " in text and text.startswith("["):
         text = text.split(": ", 1)[-1]
+    return plain_reason(text)
+
+
+def plain_reason(text: str) -> str:
+    """Decoder internals (C++ assertion text, FFmpeg error numbers) → the reason in words."""
+    if "st_nb >= 0" in text or "cannot find video stream" in text.lower():
+        return "no video stream in the file"
+    if "av_read_frame failed" in text or "AVERROR" in text:
+        return "corrupt or truncated data (the demuxer could not read a packet)"
+    if text.startswith("Check failed"):
+        return f"unsupported or damaged stream (decoder check failed: {text.split(':', 1)[-1].strip()})"
     return text
 
 
