@@ -131,3 +131,19 @@ def test_mp4_with_audio_only_is_read_as_an_audio_clip(tmp_path):
     data = load_clip(clip(path), CFG)  # has_video from the extension
     assert data.faces is None and data.n_video_frames == 0
     assert 48 <= data.n_audio_frames <= 56  # 1 s at 50 frames/s, plus the AAC encoder's padding
+
+
+def test_clip_timeout_comes_from_the_config(monkeypatch, tmp_path):
+    """video.clip_timeout_s bounds each clip's decoding (0: no limit); an explicit timeout wins."""
+    seen = []
+
+    def fake_map(fn, tasks, workers, timeout):
+        seen.append(timeout)
+        return iter(())
+
+    monkeypatch.setattr(ingest_mod, "isolated_map", fake_map)
+    c = [clip(tmp_path / "x.wav", has_video=False)]
+    list(ingest(c, load_config("tiny", ["video.clip_timeout_s=3600"])))
+    list(ingest(c, load_config("tiny", ["video.clip_timeout_s=0"])))
+    list(ingest(c, CFG, timeout=5.0))
+    assert seen == [3600.0, None, 5.0]

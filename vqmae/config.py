@@ -45,6 +45,7 @@ class VideoConfig:
     chunk_frames: int = 128
     # Longest side of frames handed to the face detector (decode-time resize keeps detection cheap).
     max_side: int = 640
+    clip_timeout_s: float = 600.0  # a clip still decoding after this long fails (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,8 @@ class FaceConfig:
     detect_every: int = 1
     # Half-width (frames) of the moving median/mean used to smooth box tracks.
     smooth_frames: int = 2
-    # Smallest face side as a fraction of the frame's shorter side. Talking-face corpora show faces
-    # at 0.35-0.45 of it; 0.2 lets haar scan a 284×160 copy of a 640×360 frame (0.1: 569×320,
-    # 4× slower: 11 vs 50 frames/s here, and it found a false face on the astronaut's suit).
+    # Smallest face side / frame's shorter side (talking faces: 0.35-0.45). 0.2: haar scans 284×160
+    # of a 640×360 frame; 0.1: 569×320, 4× slower, and it found a false face on a suit.
     min_face_frac: float = 0.2
     fan_device: str = "auto"  # "auto": cuda, else mps, else cpu
     fan_detector: Literal["haar", "sfd", "blazeface"] = "haar"

@@ -225,14 +225,18 @@ class Failure:
 
 
 def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,
-           workers: int = 1, keep_arrays: bool = True, timeout: float | None = 600.0,
+           workers: int = 1, keep_arrays: bool = True, timeout: float | None = None,
            noise: NoiseSpec | None = None,
            ) -> Iterator[tuple[ClipInfo, ClipData | None, Failure | None]]:
     """Load many clips in crash-isolated worker processes; yield (clip, data, failure) as they finish.
 
     Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
-    `noise` is passed to `load_clip` (noisy audio for robustness evaluation).
+    `noise` is passed to `load_clip` (noisy audio for robustness evaluation). A clip that takes
+    longer than `timeout` seconds (default `cfg.video.clip_timeout_s`; 0 or None: no limit) fails.
     """
+    if timeout is None:
+        timeout = cfg.video.clip_timeout_s
+    timeout = timeout if timeout and timeout > 0 else None
     config = cfg.to_dict()  # one shared dict, not one copy per clip
     tasks = [_Task(c, config, tuple(modalities), keep_arrays, noise) for c in clips]
     for o in isolated_map(_run_task, tasks, workers=workers, timeout=timeout):
