@@ -142,3 +142,35 @@ def test_decoder_internals_become_reasons():
     assert "corrupt or truncated" in plain_reason("av_read_frame failed with 1094995529")
     assert plain_reason("Check failed: x == y").startswith("unsupported or damaged stream")
     assert plain_reason("some other reason") == "some other reason"
+
+
+def test_unusable_timestamps_are_named():
+    from vqmae.media import timestamp_problem
+
+    start = np.arange(10) / 25.0
+    good = np.stack([start, start + 0.04], 1)
+    assert timestamp_problem(good, 10) is None
+    assert timestamp_problem(good[[1, 0, 2, 3, 5, 4, 6, 7, 8, 9]], 10) is None  # B-frame order
+    bad = good.copy()
+    bad[:2, 0] = -3.85e17  # what decord returned for an MPEG-4 AVI's first frames
+    assert "negative" in timestamp_problem(bad, 10)
+    huge = good.copy()
+    huge[-1, 1] = 1e12
+    assert "span" in timestamp_problem(huge, 10)
+    dup = np.zeros((10, 2))
+    assert "repeat" in timestamp_problem(dup, 10)
+    assert timestamp_problem(good[:5], 10) == "are missing"
+    nan = good.copy()
+    nan[3, 0] = np.nan
+    assert "finite" in timestamp_problem(nan, 10)
+
+
+def test_bad_timestamps_fall_back_to_the_stream_rate(media_dir, monkeypatch):
+    """A file whose timestamps are garbage is still decoded, timed by frame index."""
+    import decord
+
+    path = write_video(media_dir / "ts.mp4", n_frames=30, fps=25)
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp",
+                        lambda self, idx: np.full((len(idx), 2), -3.85e17))
+    frames = read_video(path, 25.0)
+    assert len(frames) == 30

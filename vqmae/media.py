@@ -141,14 +141,46 @@ def _shape(reader, path: Path) -> tuple[int, int]:
 
 
 def _timestamps(reader, path: Path) -> np.ndarray:
-    """[n, 2] start/end seconds of every source frame (from packet timestamps, so VFR is handled)."""
+    """[n, 2] start/end seconds of every source frame: the packets' timestamps (so variable frame
+    rates are handled) when they are usable, else frame-index timing at the stream's rate."""
+    n = len(reader)
     try:
-        ts = np.asarray(reader.get_frame_timestamp(np.arange(len(reader))), dtype=np.float64)
+        ts = np.asarray(reader.get_frame_timestamp(np.arange(n)), dtype=np.float64)
     except Exception as e:  # noqa: BLE001
-        raise MediaError(path, f"cannot read frame timestamps ({_first_line(e)})") from None
-    if ts.ndim != 2 or len(ts) == 0 or not np.isfinite(ts).all():
-        raise MediaError(path, "video frame timestamps are missing or invalid")
-    return ts
+        ts, why = None, f"cannot be read ({_first_line(e)})"
+    else:
+        why = timestamp_problem(ts, n)
+    if why is None:
+        return ts
+    try:
+        rate = float(reader.get_avg_fps())
+    except Exception:  # noqa: BLE001
+        rate = float("nan")
+    if not (np.isfinite(rate) and 0.5 <= rate <= 1000):
+        raise MediaError(path, f"video frame timestamps {why}, and the stream has no usable frame "
+                               f"rate ({rate:g}) to time the frames by")
+    log.warning("%s: frame timestamps %s; timing the %d frames by index at %.3f fps", path, why, n, rate)
+    start = np.arange(n, dtype=np.float64) / rate
+    return np.stack([start, start + 1 / rate], 1)
+
+
+def timestamp_problem(ts: np.ndarray, n: int) -> str | None:
+    """Why [n, 2] frame start/end times cannot be trusted (None when they can): missing,
+    non-finite, negative, huge, or mostly duplicated starts. Out-of-order starts are fine
+    (B-frames); `resample_indices` sorts them."""
+    if ts.ndim != 2 or ts.shape[0] != n or ts.shape[1] != 2 or n == 0:
+        return "are missing"
+    if not np.isfinite(ts).all():
+        return "are not finite"
+    start = ts[:, 0]
+    if start.min() < -1.0:
+        return f"are negative ({start.min():.3g} s)"
+    span = float(ts[:, 1].max() - start.min())
+    if span > max(48 * 3600.0, 10.0 * n):  # more than 10 s per frame, or two days
+        return f"span {span:.3g} s for {n} frames"
+    if n > 1 and len(np.unique(start)) < 0.5 * n:
+        return f"repeat ({len(np.unique(start))} distinct starts for {n} frames)"
+    return None
 
 
 def resample_indices(starts: np.ndarray, fps: float, n_out: int) -> np.ndarray:
