@@ -49,3 +49,13 @@ def test_unknown_preset_and_stored_keys():
     data["audio"]["future_field"] = 1
     with pytest.raises(ConfigError, match="audio.future_field"):
         Config.from_dict(data)
+
+
+def test_unknown_key_suggests_the_close_ones_not_all():
+    from vqmae.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'mae.widht'; did you mean 'mae.width'") as e:
+        load_config("tiny", ["mae.widht=3"])
+    assert len(str(e.value)) < 200
+    with pytest.raises(ConfigError, match=r"'nosuch.key'; valid keys: audio, audio_vq"):
+        load_config("tiny", ["nosuch.key=1"])

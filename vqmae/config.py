@@ -345,23 +345,12 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
-        # Measured on the tiny demo corpus (held-out usage / error ratio vs mean spectrum):
-        # batch 256, lr 1e-3, dead 1.0 → 54% / 0.108 in 98 s; batch 128, lr 2e-3, dead 2.0 → 84% / 0.089 in 51 s.
-        # 300 steps lost the pitch: on the speech corpus (vqmae synth --kind speech) the decoded
-        # frames' F0 correlation was 0.167 (18% of voiced frames within 5%), energy 0.974; 1500 steps:
-        # F0 0.923 (88% within 5%), energy 0.986, usage 100%, ratio 0.066 (119 s of train-only
-        # tokenize on 2 cores). 128 tokens per frame reached F0 0.977 but doubles the MAE's audio input.
+        # the measurements behind these settings: README, "What the audio codes keep of the prosody"
         audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=1500, batch_frames=128, lr=2e-3,
                                dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
-        # Measured on the 12-speaker tiny demo store (CPU, 2 cores, 500 steps, 2.3 min, then 0.4 s
-        # windows): held-out masked-token accuracy audio / visual (per-position unigram 0.211 /
-        # 0.158): coupled masking with random-init positions 0.158 / 0.121; fixed 50% masking
-        # 0.219 / 0.170; fixed + sin-cos positions 0.251 / 0.227. Coupled masking draws visual
-        # ratios near 1 for many windows, and 500 steps are too few to learn from those. Windows are
-        # the paper's 2 s (emotion lives in contours over the utterance; whole clips are scored as
-        # pooled windows): 7 min on the demo store, 1.2 min on the audio-only speech corpus.
+        # fixed 50% masking, sin-cos positions (README, stage 2); the paper's 2 s windows
         mae=MAEConfig(width=64, heads=2, encoder_depth=2, decoder_depth=1, head_dim=16,
                       window_seconds=2.0, masking="fixed"),
         pretrain=PretrainConfig(steps=500, batch_size=16, base_lr=0.128, warmup_steps=40,
@@ -437,7 +426,7 @@ def set_key(cfg: Any, key: str, raw: str, _prefix: str = "") -> Any:
     full = _prefix + key
     names = {f.name for f in fields(cfg)}
     if head not in names:
-        raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(_unknown(full))
     hints = typing.get_type_hints(type(cfg))
     current = getattr(cfg, head)
     if is_dataclass(current):
@@ -445,8 +434,19 @@ def set_key(cfg: Any, key: str, raw: str, _prefix: str = "") -> Any:
             raise ConfigError(f"{full!r} is a section; set one of its fields, e.g. {full}.<field>=...")
         return replace(cfg, **{head: set_key(current, rest, raw, _prefix + head + ".")})
     if rest:
-        raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(_unknown(full))
     return replace(cfg, **{head: _parse(hints[head], raw, full)})
+
+
+def _unknown(key: str) -> str:
+    """An unknown key's message: the closest valid keys (else its section's keys), not all of them."""
+    import difflib
+
+    keys, section = valid_keys(), key.partition(".")[0] + "."
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else "valid keys: " + ", ".join(
+        [k for k in keys if k.startswith(section)] or sorted({k.partition('.')[0] for k in keys})))
+    return f"unknown config key {key!r}; {hint}"
 
 
 def _parse(tp: Any, raw: str, key: str) -> Any:
