@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -40,35 +41,84 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 class RichReporter:
-    """`vqmae.training.Reporter` drawn as rich progress bars (one per named phase)."""
+    """`vqmae.training.Reporter` drawn as rich progress bars (one per named phase) on a terminal.
 
-    def __init__(self, console: Console):
+    Elsewhere (a log file, `nohup`, CI) bars would draw nothing until the end, so each phase
+    prints a plain line when it starts, at most every `every` seconds while it runs (done / total,
+    the latest fields, elapsed and remaining time) and when it finishes."""
+
+    def __init__(self, console: Console, every: float = 30.0):
+        self.console, self.every = console, every
+        self.plain = not console.is_terminal
+        self.tasks: dict[str, int] = {}
+        self.state: dict[str, dict] = {}  # plain mode: per phase done, total, t0, last line, info
+        if self.plain:
+            return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> "RichReporter":
-        self.progress.start()
+        if not self.plain:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if not self.plain:
+            self.progress.stop()
 
     def start(self, name: str, total: int | None) -> None:
+        if self.plain:
+            now = time.monotonic()
+            self.state[name] = {"done": 0, "total": total, "t0": now, "last": now, "info": ""}
+            self._line(name, "started")
+            return
         self.tasks[name] = self.progress.add_task(name, total=total, info="")
 
     def advance(self, name: str, n: int = 1, **fields) -> None:
         info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        if self.plain:
+            st = self.state[name]
+            st["done"] += n
+            st["info"] = info or st["info"]
+            if time.monotonic() - st["last"] >= self.every:
+                self._line(name)
+            return
         self.progress.update(self.tasks[name], advance=n, **({"info": info} if info else {}))
 
     def finish(self, name: str) -> None:
+        if self.plain:
+            st = self.state[name]
+            st["done"] = st["total"] if st["total"] is not None else st["done"]
+            self._line(name, "done")
+            return
         task = self.tasks[name]
         total = next(t.total for t in self.progress.tasks if t.id == task)
         self.progress.update(task, completed=total)
+
+    def _line(self, name: str, what: str = "") -> None:
+        st = self.state[name]
+        now = time.monotonic()
+        st["last"] = now
+        elapsed = now - st["t0"]
+        done, total = st["done"], st["total"]
+        parts = [f"{name}:", what] if what else [f"{name}:"]
+        if total:
+            parts.append(f"{done}/{total} ({done / total:.0%})")
+            if 0 < done < total:
+                parts.append(f"~{_clock(elapsed * (total - done) / done)} left")
+        elif done:
+            parts.append(str(done))
+        parts += [st["info"], f"{_clock(elapsed)} elapsed"]
+        self.console.print(" ".join(p for p in parts if p), highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def results_table(title: str, rows: list[dict], keys: list[str]):

@@ -83,3 +83,25 @@ def test_refused_commands_leave_no_run_directory(tmp_path, monkeypatch):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert not list(tmp_path.iterdir()), (args, list(tmp_path.rglob("*")))
+
+
+def test_progress_is_printed_as_lines_when_not_on_a_terminal():
+    """Under nohup, CI or a log file each phase prints plain lines: start, periodic, done."""
+    import io
+
+    from rich.console import Console
+
+    from cli.common import RichReporter
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with RichReporter(console, every=0.0) as rep:
+        rep.start("pretrain", 4)
+        rep.advance("pretrain", 1, loss=5.25)
+        rep.advance("pretrain", 1, loss=4.5)
+        rep.finish("pretrain")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("pretrain: started 0/4 (0%)")
+    assert lines[1].startswith("pretrain: 1/4 (25%) ~") and "loss 5.25" in lines[1]
+    assert "2/4 (50%)" in lines[2] and "loss 4.5" in lines[2]
+    assert lines[-1].startswith("pretrain: done 4/4 (100%) loss 4.5") and lines[-1].endswith("elapsed")
