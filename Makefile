@@ -15,9 +15,12 @@ WORKERS ?= 2
 
 .PHONY: install test test-slow demo synth speech-deps speech-corpus speech-demo ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
 
-install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg)
+TORCH_INDEX ?=
+
+install:  ## virtualenv + package + test deps (no system packages needed: wheels bundle FFmpeg); TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU-only torch
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install torch --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -e '.[dev]'
 	$(BIN)/vqmae --help > /dev/null
 
