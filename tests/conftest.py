@@ -53,6 +53,20 @@ def write_video(path: Path, fps: float = 25.0, n_frames: int = 50, size: int = 6
     return path
 
 
+def write_audio_only(path: Path, codec: str, rate: int, seconds: float = 1.0, sample_format: str = "flt") -> Path:
+    """A 220 Hz tone encoded by PyAV with `codec` into `path`'s container (audio stream only)."""
+    import av
+
+    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream(codec, rate=rate)
+        frame = av.AudioFrame.from_ndarray(wave[None], format=sample_format, layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    return path
+
+
 def write_wav(path: Path, signal: np.ndarray, rate: int = 16000, channels: int = 1) -> Path:
     """16-bit PCM wav from float samples in [-1, 1] ([N] or [N, channels])."""
     data = (np.clip(signal, -1, 1) * 32767).astype("<i2")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import vqmae.ingest as ingest_mod
 from cli.main import app
-from tests.conftest import tone, write_video, write_wav
+from tests.conftest import tone, write_audio_only, write_video, write_wav
 from vqmae.config import load_config
 from vqmae.datasets import ClipInfo
 from vqmae.ingest import ClipError, ingest, load_clip
@@ -118,16 +118,7 @@ def test_cli_ingest_reports(tmp_path, media_dir, face_video):
 
 def test_mp4_with_audio_only_is_read_as_an_audio_clip(tmp_path):
     """A video extension whose container has no video stream is an audio clip, not a failure."""
-    import av
-
-    path = tmp_path / "voice.mp4"
-    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(wave[None], format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            c.mux(packet)
+    path = write_audio_only(tmp_path / "voice.mp4", "aac", 16000, sample_format="fltp")
     data = load_clip(clip(path), CFG)  # has_video from the extension
     assert data.faces is None and data.n_video_frames == 0
     assert 48 <= data.n_audio_frames <= 56  # 1 s at 50 frames/s, plus the AAC encoder's padding

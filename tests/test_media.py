@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import tone, write_video, write_wav
+from tests.conftest import tone, write_audio_only, write_video, write_wav
 from vqmae.media import MediaError, iter_video, read_audio, read_video, resample_indices
 
 
@@ -115,19 +115,10 @@ def test_audio_file_with_no_samples(media_dir):
 
 def test_opus_audio_is_read_and_scanned(tmp_path):
     """.opus (common in web-scraped speech corpora) is an audio extension: scanned and decoded."""
-    import av
-
     from vqmae.datasets import scan
 
-    path = tmp_path / "spk1" / "clip.opus"
-    path.parent.mkdir()
-    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(48000) / 48000)).astype(np.float32)
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream("libopus", rate=48000)
-        frame = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
-        frame.sample_rate = 48000
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            c.mux(packet)
+    (tmp_path / "spk1").mkdir()
+    path = write_audio_only(tmp_path / "spk1" / "clip.opus", "libopus", 48000)
     x = read_audio(path, 16000)
     assert abs(len(x) - 16000) < 400 and np.abs(x).max() > 0.1
     clips = scan(tmp_path, kind="folder").clips
