@@ -25,7 +25,7 @@ from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
 from vqmae.isolate import Outcome, isolated_map
-from vqmae.media import MediaError, iter_video, read_audio, stream_kinds
+from vqmae.media import NO_VIDEO_STREAM, MediaError, iter_video, read_audio
 
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,17 @@ def load_clip(clip: ClipInfo, cfg: Config, modalities: Sequence[str] = MODALITIE
     out = ClipData(clip)
     want_video = "visual" in modalities and clip.has_video
     want_audio = "audio" in modalities
-    if want_video and stream_kinds(clip.path) == {"audio"}:  # a video extension holding audio only
-        log.info("%s: no video stream, read as an audio clip", clip.path)
-        want_video = False
     if not want_video and not want_audio:
         raise ClipError(clip.path, "scan", f"clip has none of the requested modalities {tuple(modalities)}")
     if want_video:
-        out.faces, out.face_rate = _load_faces(clip.path, cfg)
-        out.n_video_frames = len(out.faces)
+        try:
+            out.faces, out.face_rate = _load_faces(clip.path, cfg)
+            out.n_video_frames = len(out.faces)
+        except ClipError as e:  # a video extension holding audio only: read as an audio clip
+            if not (want_audio and NO_VIDEO_STREAM in e.reason):
+                raise
+            log.info("%s: no video stream, read as an audio clip", clip.path)
+            want_video = False
     if want_audio:
         out.spec, out.av_offset = _load_spec(clip, cfg, out.n_video_frames if want_video else None,
                                              noise=noise)

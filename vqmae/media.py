@@ -17,6 +17,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+NO_VIDEO_STREAM = "no video stream in the file"
+
 
 class MediaError(Exception):
     """A file that cannot be decoded: `str(e)` is '<path>: <reason>'."""
@@ -44,7 +46,7 @@ def _first_line(e: Exception) -> str:
 def plain_reason(text: str) -> str:
     """Decoder internals (C++ assertion text, FFmpeg error numbers) → the reason in words."""
     if "st_nb >= 0" in text or "cannot find video stream" in text.lower():
-        return "no video stream in the file"
+        return NO_VIDEO_STREAM
     if "av_read_frame failed" in text or "AVERROR" in text:
         return "corrupt or truncated data (the demuxer could not read a packet)"
     if text.startswith("Check failed"):
@@ -85,18 +87,6 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     if not np.isfinite(wave).all():
         raise MediaError(path, "audio contains NaN or infinite samples")
     return wave
-
-
-def stream_kinds(path: str | os.PathLike) -> set[str] | None:
-    """The kinds of stream a container holds ({"video", "audio"}, per PyAV), or None when PyAV
-    cannot open it (the decoders then report why)."""
-    try:
-        import av
-
-        with av.open(str(path)) as c:
-            return {s.type for s in c.streams if s.type in ("video", "audio")}
-    except Exception:  # noqa: BLE001 — any failure here is reported by the real decoder
-        return None
 
 
 def _open_video(path: Path, max_side: int):

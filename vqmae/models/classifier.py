@@ -279,6 +279,22 @@ def head_outputs(model: EmotionModel, x: torch.Tensor, present: torch.Tensor, gr
     return torch.cat(outs) if outs else torch.zeros(0, model.out.out_features)
 
 
+@torch.no_grad()
+def clip_and_window_outputs(model: EmotionModel, x: torch.Tensor, present: torch.Tensor, clip: torch.Tensor,
+                            n_clips: int, group: torch.Tensor | None, batch_size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window vectors `x` `[n, M, D]` (present `[n, M]`, clip ids `[n]`) → (clip outputs
+    `[n_clips, C]`, window outputs `[n, C]`: the head on each window alone, for timelines), float32
+    on the CPU. With `group` `[n_clips]` (dense ids), a speaker-normalised model subtracts each
+    group's mean clip vector from its clips and their windows; without it, its stored mean."""
+    cx, cp = model.clip_pooled(x, present, clip, n_clips)
+    cx = cx.float()
+    clip_out = head_outputs(model, cx, cp, group, batch_size)
+    win_out = head_outputs(model, x, present, None if group is None else group[clip], batch_size,
+                           clip_table(model, cx, cp, group))
+    return clip_out, win_out
+
+
 def n_patterns(n_modalities: int) -> int:
     """Presence patterns of `n_modalities` (bit m set: modality m present); 0 is never scored."""
     return 2 ** n_modalities

@@ -97,6 +97,17 @@ def check_rows(store: TokenStore, name: str, rows: np.ndarray, first: int,
     return out
 
 
+def refuse_outside_codebook(store_path: object, name: str, rows: np.ndarray, codebook_size: int,
+                            where: str = "") -> np.ndarray:
+    """`rows` of ``name``/codes, or a `StoreError` when they hold ids outside the codebook (a
+    missing chunk reads as `FILL`, an altered one may too); `where` names the rows."""
+    if rows.size and int(rows.max()) >= codebook_size:
+        raise StoreError(f"damaged token store: {store_path}: {name}/codes {where}holds ids outside the "
+                         f"codebook (a missing or altered chunk); run `vqmae inspect --verify "
+                         f"{store_path}` for the chunks and clips")
+    return rows
+
+
 def read_rows(store: TokenStore, name: str, a: int, b: int) -> np.ndarray:
     """Rows [a, b) of ``name``/codes; an unreadable chunk file is a `StoreError` naming it."""
     try:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from vqmae.store.integrity import check_rows, raise_if_damaged, read_rows, recorded_crcs
+from vqmae.store.integrity import (check_rows, raise_if_damaged, read_rows, recorded_crcs,
+                                   refuse_outside_codebook)
 from vqmae.store.schema import (MERGE_BLOCK_BYTES, ModalitySpec, StoreError, _merged_path,
                                 _read_root_attrs, _specs_from_attrs, table_columns)
 
@@ -105,11 +106,7 @@ class TokenStore:
     def _checked(self, name: str, block: np.ndarray) -> np.ndarray:
         """Rows read from zarr, refused when they hold ids outside the codebook (a missing chunk
         reads as the fill value, `vqmae.store.integrity.FILL`)."""
-        if block.size and int(block.max()) >= self.specs[name].codebook_size:
-            raise StoreError(f"damaged token store: {self.path}: {name}/codes holds ids outside "
-                             f"the codebook (a missing or altered chunk); run `vqmae inspect "
-                             f"--verify {self.path}` for the chunks and clips")
-        return block
+        return refuse_outside_codebook(self.path, name, block, self.specs[name].codebook_size)
 
     def read_windows(self, name: str, rows: np.ndarray, starts: np.ndarray,
                      length: int) -> tuple[np.ndarray, np.ndarray]:

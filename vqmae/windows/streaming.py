@@ -14,6 +14,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vqmae.store import ModalitySpec, StoreError, TokenStore
+from vqmae.store.integrity import refuse_outside_codebook
 from vqmae.windows.geometry import WindowBatch, WindowGeometry, _check_dist, gather, make_batch
 
 
@@ -85,10 +86,8 @@ class StreamingWindows(IterableDataset):
                 raise StoreError(f"damaged token store: {self.path}: cannot read {m}/codes rows "
                                  f"{a}-{b - 1} ({type(e).__name__}: {e}); run `vqmae inspect "
                                  f"--verify {self.path}`") from None
-            if rows.size and int(rows.max()) >= self.specs[m].codebook_size:  # a missing chunk
-                raise StoreError(f"damaged token store: {self.path}: {m}/codes rows {a}-{b - 1} hold "
-                                 f"ids outside the codebook; run `vqmae inspect --verify {self.path}`")
-            out[m] = (rows, a)
+            out[m] = (refuse_outside_codebook(self.path, m, rows, self.specs[m].codebook_size,
+                                              f"rows {a}-{b - 1} "), a)
         return out
 
     def _group(self, epoch: int, blocks: np.ndarray, carry: _Pending | None) -> _Pending:

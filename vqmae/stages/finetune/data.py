@@ -14,7 +14,7 @@ import torch
 
 from vqmae.checkpoint import check_parents, checkpoint_sha256, load_checkpoint, store_parents
 from vqmae.config import Config, MAEConfig, mae_modalities
-from vqmae.models.classifier import EmotionModel, clip_table, drop_modality, head_outputs
+from vqmae.models.classifier import EmotionModel, clip_and_window_outputs, drop_modality
 from vqmae.models.layout import MAEDims
 from vqmae.store import TokenStore
 from vqmae.utils import autocast_context
@@ -149,17 +149,15 @@ def predict_clips(model: EmotionModel, data: ClipWindows, rows: np.ndarray, mode
     ``rows``)."""
     was = model.training
     model.eval()
-    cx, cp, x, present, pos = pooled_clips(model, data, rows, mode, device, batch_size)
-    group = win_group = None
+    x, present, pos = pooled_windows(model, data, rows, mode, device, batch_size)
+    group = None
     if groups is not None:  # dense ids of the scored rows' groups
         inverse = np.unique(np.asarray(groups)[rows], return_inverse=True)[1].astype(np.int64)
         group = torch.from_numpy(inverse).to(x.device)
-        win_group = group[torch.from_numpy(pos).to(x.device)]
     with autocast_context(device):
-        clip = head_outputs(model, cx, cp, group, batch_size).numpy()
-        table = clip_table(model, cx, cp, group)
-        win = head_outputs(model, x, present, win_group, batch_size, table).numpy() if len(pos) else \
-            np.zeros((0, clip.shape[1]), np.float32)
+        clip, win = clip_and_window_outputs(model, x, present, torch.from_numpy(pos).to(x.device),
+                                            len(rows), group, batch_size)
+    clip, win = clip.numpy(), win.numpy()
     model.train(was)
     return clip.astype(np.float32), win, pos
 

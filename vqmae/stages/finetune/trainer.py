@@ -197,10 +197,7 @@ class Trainer:
         epoch, best = state["epoch"], state["best"]
         # a fitted head needs a linear model of the task (none for multilabel: the head starts random)
         if fcfg.head_init == "fit" and epoch == 0 and not audio_only and (self.task.single_label or self.task.values):
-            if model.speaker_norm:  # the head is fitted on speaker-centred vectors
-                with torch.no_grad():
-                    model.center.copy_(mean_center(self._train_centers(model, train, False)))
-            self._fit_head(model, train, val)
+            self._fit_head(model, train, val)  # on vectors centred by each speaker's own mean
         net = model
         if info.enabled:
             net = torch.nn.parallel.DistributedDataParallel(

@@ -46,7 +46,7 @@ from vqmae.config import Config, ConfigError, set_key
 from vqmae.datasets import ClipInfo
 from vqmae.encoding import feature_config
 from vqmae.ingest import ClipData, Failure, ingest, spec_from_wave
-from vqmae.models.classifier import EmotionModel, clip_table, drop_modality, head_outputs
+from vqmae.models.classifier import EmotionModel, clip_and_window_outputs, drop_modality
 from vqmae.models.tokenizers import encode_frames
 from vqmae.store import ModalitySpec
 from vqmae.tasks import Task
@@ -357,14 +357,11 @@ class Predictor:
                 x, p = self.model.pooled(batch)
                 xs.append(x.float())
                 ps.append(p)
-            x, present = torch.cat(xs), torch.cat(ps)
-            clip_of = torch.from_numpy(win_clip).to(x.device)
-            cx, cp = self.model.clip_pooled(x, present, clip_of, len(clips))
+            x = torch.cat(xs)
             group = torch.zeros(len(clips), dtype=torch.long, device=x.device) if same_speaker else None
-            out = head_outputs(self.model, cx.float(), cp, group, self.batch_windows).numpy()  # [n_clips, C]
-            table = clip_table(self.model, cx.float(), cp, group)
-            win = head_outputs(self.model, x, present, None if group is None else group[clip_of],
-                               self.batch_windows, table).numpy()  # [n_windows, C]: timelines
+            out, win = clip_and_window_outputs(self.model, x, torch.cat(ps), torch.from_numpy(win_clip).to(x.device),
+                                               len(clips), group, self.batch_windows)
+            out, win = out.numpy(), win.numpy()  # [n_clips, C], [n_windows, C]: timelines
         if not np.isfinite(out).all():
             bad = sorted({clips[i].path for i in np.flatnonzero(~np.isfinite(out).all(1))})
             raise InputError(bad[0], "the model produced non-finite outputs")
