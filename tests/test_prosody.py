@@ -58,3 +58,40 @@ def test_agreement_of_a_copy_and_of_a_flattened_pitch():
     flat = power(voice(180.0, len(x) / SR, vibrato=0.0)[0])[: len(p)]  # same loudness, one pitch
     moved = prosody_agreement(p, flat, CFG)
     assert not moved["f0_corr"] > 0.3 and moved["f0_within_5pct"] < 0.3  # NaN: a constant pitch
+
+
+# ------------------------------------------------------------------- prosody ids of the audio codes
+
+def test_prosody_ids_read_pitch_level_and_loudness_of_known_tones():
+    """The F0 id is the semitone above 60 Hz the estimator finds; louder frames get a higher energy
+    id; every id stays in its own range; frames are encoded independently of their neighbours."""
+    from vqmae.models.prosody_ids import SIZES, ProsodyIds
+    ids = ProsodyIds(CFG.n_bins, SR)
+    offsets = np.concatenate([[0], np.cumsum(SIZES)[:-1]])
+    for f0 in (110.0, 220.0):
+        x, _ = voice(f0, vibrato=0.0)
+        p = power(0.01 * x)[3:-3]
+        got = ids(torch.from_numpy(p)).numpy()
+        assert got.shape == (len(p), 4)
+        for k, n in enumerate(SIZES):
+            assert ((got[:, k] >= offsets[k]) & (got[:, k] < offsets[k] + n)).all()
+        semitone = np.round(12 * np.log2(f0 / 60.0)) + 1
+        assert np.mean(np.abs(got[:, 0] - semitone) <= 1) > 0.9
+        louder = ids(torch.from_numpy(p * 100.0)).numpy()  # +20 dB: 8 bins of 2.5 dB
+        assert np.median(louder[:, 1] - got[:, 1]) == 8
+        alone = ids(torch.from_numpy(p[5:6])).numpy()
+        assert np.array_equal(alone[0], got[5])
+    noise = power(0.3 * np.random.default_rng(1).standard_normal(SR))
+    assert (ids(torch.from_numpy(noise)).numpy()[:, 0] == 0).mean() > 0.9  # unvoiced id
+
+
+def test_prosody_ids_agree_with_the_numpy_pitch_estimator():
+    from vqmae.models.prosody_ids import ProsodyIds
+    x, _ = voice(150.0, vibrato=0.2)
+    p = power(0.3 * x)
+    f0, strength = estimate_f0(p, CFG)
+    got = ProsodyIds(CFG.n_bins, SR)(torch.from_numpy(p)).numpy()[:, 0]
+    v = got > 0
+    assert v.mean() > 0.8
+    expected = np.clip(np.round(12 * np.log2(f0[v] / 60.0)), 0, 36) + 1
+    assert np.mean(got[v] == expected) > 0.95

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 import socket
@@ -239,8 +241,9 @@ def test_audio_encoder_length_plan():
 
 @pytest.mark.parametrize("n_bins", [513, 300])
 def test_audio_shapes_contract_and_positive_power(cfg, n_bins):
-    model = AudioVQVAE(cfg.audio_vq, n_bins=n_bins)
-    assert model.codebook_size == 256 and model.grid == (64,) and model.n_tokens == 64
+    # 64 spectral codes from a 256-code book, then 4 prosody ids in their own 102 ids
+    model = AudioVQVAE(dataclasses.replace(cfg.audio_vq, prosody_ids=True), n_bins=n_bins)
+    assert model.codebook_size == 256 + 102 and model.grid == (68,) and model.n_tokens == 68
     assert model.frame_rate == 50.0
     x = spectra(3)[:, :n_bins]
     out = model(x)
@@ -251,7 +254,11 @@ def test_audio_shapes_contract_and_positive_power(cfg, n_bins):
     assert out.loss.item() == pytest.approx(
         (out.metrics["loss/recon"] + 0.25 * out.metrics["loss/commit"]).item(), rel=1e-6)
     codes = model.encode(x)
-    assert codes.shape == (3, 64) and model.decode(codes).shape == (3, n_bins)
+    assert codes.shape == (3, 68) and (codes[:, :64] < 256).all()
+    assert (codes[:, 64:] >= 256).all() and (codes[:, 64:] < 358).all()
+    assert model.decode(codes).shape == (3, n_bins)
+    plain = AudioVQVAE(cfg.audio_vq, n_bins=n_bins)
+    assert plain.codebook_size == 256 and plain.grid == (64,) and plain.encode(x).shape == (3, 64)
 
 
 def test_visual_shapes_and_contract(cfg):
@@ -290,7 +297,7 @@ def test_decode_of_encode_equals_forward_reconstruction_in_eval(cfg, kind):
         out = model(x)
         codes = model.encode(x)
         recon = model.decode(codes)
-    assert torch.equal(codes, out.codes)
+    assert torch.equal(codes[:, :out.codes.shape[1]], out.codes)
     assert torch.equal(recon, out.recon)
 
 
@@ -340,7 +347,8 @@ def test_bf16_autocast_forward_backward(cfg, kind):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        assert torch.equal(model.encode(x), model(x).codes)
+        codes = model(x).codes
+        assert torch.equal(model.encode(x)[:, :codes.shape[1]], codes)
 
 
 def test_sources_never_pin_a_device():

@@ -86,6 +86,8 @@ class AudioVQConfig:
     max_train_clips: int = 0  # 0 = every clip of the corpus
     # Training frames kept in RAM: a uniform sample of every frame decoded (200k ≈ 67 min, 410 MB).
     pool_frames: int = 200_000
+    # Append 4 prosody ids per frame (F0, energy, harmonicity, tilt: vqmae/models/prosody_ids.py).
+    prosody_ids: bool = False  # off: no gain measured (docs/model-quality.md)
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,9 @@ class MAEConfig:
     # d > 0 = width → ids × d, then a d → codebook_size layer shared by the ids (paper sizes:
     # 8.4 M params and 21 GFLOP per window instead of 24.2 M and 36 GFLOP).
     head_dim: int = 0
-    # Start the head at the per-position unigram: each grid cell's code log-frequencies over the
-    # training clips are added to the logits (a fixed buffer set by `vqmae pretrain`), so training
-    # spends its steps on what the context adds. Off by default: on a tiny 12-speaker store (500
-    # steps) it lowered the validation CE (visual 3.48 vs 3.99) and raised the masked-token accuracy
-    # (still below the unigram baseline) but not the fine-tuned UAR; adding it costs a logits-sized
-    # gather per step (benchmarks/pretrain.py --variant mae.unigram_prior=true).
+    # Add each grid cell's code log-frequencies over the training clips to the logits (a buffer set
+    # by `vqmae pretrain`). Off: on a tiny store it lowered the validation CE but not the fine-tuned
+    # UAR, and costs a logits-sized gather per step (benchmarks/pretrain.py --variant ...=true).
     unigram_prior: bool = False
 
 

@@ -2,7 +2,8 @@
 
 Both follow one small contract, like audiocraft's compression models:
 
-- `encode(x) -> codes` int64 (audio `[B, 64]`, visual `[B, 24, 24]`), never changes the model;
+- `encode(x) -> codes` int64 (audio `[B, 64 + 4]`: spectral codes then prosody ids, visual
+  `[B, 24, 24]`), never changes the model;
 - `decode(codes) -> x_hat` (audio power `[B, 513]` > 0, visual pixels `[B, 3, 96, 96]`);
 - `forward(x) -> TokenizerOutput(recon, codes, loss, metrics)` for training;
 - properties `codebook_size`, `grid`, `frame_rate`, `n_tokens`.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmae.config import AudioVQConfig, Config, VisualVQConfig
+from vqmae.models.prosody_ids import N_IDS as PROSODY_IDS, VOCAB as PROSODY_VOCAB, ProsodyIds
 from vqmae.models.quantize import QuantizedResult, VectorQuantizer
 from vqmae.utils import autocast_context
 
@@ -120,10 +122,14 @@ class AudioVQVAE(_VQVAE):
     (scale-invariant, the natural fit for power spectra) + commitment × commit.
     """
 
-    def __init__(self, cfg: AudioVQConfig, n_bins: int = 513, frame_rate: float = 50.0):
+    def __init__(self, cfg: AudioVQConfig, n_bins: int = 513, frame_rate: float = 50.0,
+                 sample_rate: int = 16000):
         super().__init__()
         self.n_bins, self.commitment, self._frame_rate = n_bins, cfg.commitment, frame_rate
         self.lengths = audio_lengths(n_bins, cfg.n_tokens)
+        # Four prosody ids appended to each frame's spectral codes (vqmae.models.prosody_ids); they
+        # are computed, not learned, and `decode` ignores them.
+        self.prosody = ProsodyIds(n_bins, sample_rate) if cfg.prosody_ids else None
         c = cfg.channels
         enc: list[nn.Module] = [nn.Conv1d(1, c, 3, padding=1)]
         dec: list[nn.Module] = []
@@ -160,7 +166,12 @@ class AudioVQVAE(_VQVAE):
 
     @property
     def grid(self) -> tuple[int, ...]:
-        return (self.lengths[-1],)
+        return (self.lengths[-1] + (PROSODY_IDS if self.prosody is not None else 0),)
+
+    @property
+    def codebook_size(self) -> int:
+        """The vocabulary of the codes: the spectral codebook, then the prosody ids' ranges."""
+        return self.quantizer.codebook_size + (PROSODY_VOCAB if self.prosody is not None else 0)
 
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.n_bins:
@@ -168,8 +179,8 @@ class AudioVQVAE(_VQVAE):
                              f"got {tuple(x.shape)}")
         z = (torch.log(x.float() + LOG_FLOOR) - self.log_mean) / self.log_std
         z = self.encoder(z.unsqueeze(1))  # [B, D, T]
-        if z.shape[-1] != self.grid[0]:
-            raise AssertionError(f"encoder produced {z.shape[-1]} positions, expected {self.grid[0]}")
+        if z.shape[-1] != self.lengths[-1]:
+            raise AssertionError(f"encoder produced {z.shape[-1]} positions, expected {self.lengths[-1]}")
         return z.transpose(1, 2)  # [B, T, D]
 
     def _log_power(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -177,12 +188,16 @@ class AudioVQVAE(_VQVAE):
         return out.float() * self.log_std + self.log_mean
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Power frames `[B, n_bins]` → codes `[B, n_tokens]` int64."""
-        return self.quantizer.encode(self._latents(x))
+        """Power frames `[B, n_bins]` → codes `[B, n_tokens]` int64 (spectral, then prosody ids)."""
+        codes = self.quantizer.encode(self._latents(x))
+        if self.prosody is None:
+            return codes
+        return torch.cat([codes, self.prosody(x) + self.quantizer.codebook_size], 1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes `[B, n_tokens]` → power `[B, n_bins]` (> 0)."""
+        """Codes `[B, n_tokens]` → power `[B, n_bins]` (> 0), from the spectral codes."""
         self._check_codes(codes)
+        codes = codes[:, :self.lengths[-1]]
         return torch.exp(self._log_power(self.quantizer.codes_to_vectors(codes)).float())
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
@@ -263,7 +278,8 @@ class VisualVQVAE(_VQVAE):
 def build_tokenizer(kind: TokenizerKind, cfg: Config) -> AudioVQVAE | VisualVQVAE:
     """The tokenizer `kind` sized by `cfg` (audio bins and frame rate, face size and fps)."""
     if kind == "audio_vqvae":
-        return AudioVQVAE(cfg.audio_vq, n_bins=cfg.audio.n_bins, frame_rate=cfg.audio.frame_rate)
+        return AudioVQVAE(cfg.audio_vq, n_bins=cfg.audio.n_bins, frame_rate=cfg.audio.frame_rate,
+                          sample_rate=cfg.audio.sample_rate)
     if kind == "visual_vqvae":
         return VisualVQVAE(cfg.visual_vq, size=cfg.face.size, frame_rate=cfg.video.fps)
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'audio_vqvae' or 'visual_vqvae'")
