@@ -39,7 +39,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
+import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -52,18 +52,18 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from vqmae.config import Config, StoreConfig, load_config  # noqa: E402
+from vqmae.config import Config, StoreConfig, load_config, mae_modalities  # noqa: E402
 from vqmae.models.layout import MAEDims, flops_per_window, patch_layout  # noqa: E402
 from vqmae.models.mae import MAEModel  # noqa: E402
 from vqmae.stages.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups  # noqa: E402
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge  # noqa: E402
-from vqmae.training import autocast_context  # noqa: E402
+from vqmae.training import adamw, autocast_context  # noqa: E402
 from vqmae.windows import WindowData  # noqa: E402
 
 LOADERS = ("ram", "stream-w0", "stream-w2")
 STREAM_WORKERS = {"stream-w0": 0, "stream-w2": 2}
 # Defaults per device: a paper-sized step is seconds on 2 CPU cores, milliseconds on a GPU.
-DEFAULTS = {"cpu": {"batch": 4, "steps": 4, "warmup": 1, "clips": 200, "loader_seconds": 2.0},
+DEFAULTS = {"cpu": {"batch": 16, "steps": 4, "warmup": 1, "clips": 200, "loader_seconds": 2.0},
             "cuda": {"batch": 256, "steps": 50, "warmup": 10, "clips": 2000,
                      "loader_seconds": 5.0}}
 # Distinct batches staged on the device for the training step (cycled).
@@ -195,9 +195,10 @@ def measure_loader(job: dict[str, Any]) -> dict[str, Any]:
 def nominal_mask_ratio(cfg: Config, dims: MAEDims) -> float:
     """Expected masked fraction of all patches, the single ratio `flops_per_window` takes."""
     mae = cfg.mae
-    names = ("audio", "visual") if mae.modalities == "av" else (mae.modalities,)
+    mode = mae_modalities(mae.modalities, [m for m in ("audio", "visual") if dims.get(m) is not None])
+    names = ("audio", "visual") if mode == "av" else (mode,)
     n = {m: patch_layout(m, dims.get(m), mae).n_patches for m in names}
-    if mae.masking == "coupled":  # E[r_v] = E[1 - r_v] = 0.5 in every modality
+    if mae.masking in ("coupled", "coupled_batch"):  # E[r_v] = E[1 - r_v] = 0.5 in every modality
         return 0.5
     if mae.masking in ("audio2visual", "visual2audio"):
         hidden = "visual" if mae.masking == "audio2visual" else "audio"
@@ -216,7 +217,7 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = MAEModel(cfg.mae, dims).to(device)
     net = torch.compile(model) if pcfg.compile else model
-    opt = torch.optim.AdamW(param_groups(model, pcfg.weight_decay),
+    opt = adamw(param_groups(model, pcfg.weight_decay),
                             lr=pcfg.base_lr * pcfg.batch_size / 256, betas=tuple(pcfg.betas))
     masker = GlobalMasking(model, data, device)
     it = data.train_batches()
@@ -256,6 +257,114 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
             "flops_per_window": flops_per_window(cfg.mae, dims, ratio), "mask_ratio": ratio,
             "peak_rss_gb": peak_rss_gb(), "peak_gpu_gb": gpu_gb,
             "final_loss": float(losses[-1])}
+
+
+PAPER_SPECS = {"audio": {"codebook_size": 256, "grid": [64], "frame_rate": 50.0},
+               "visual": {"codebook_size": 512, "grid": [24, 24], "frame_rate": 25.0}}
+
+
+def reference_module():
+    """benchmarks/reference_mae.py, loaded by path (this folder is not on sys.path: see the top)."""
+    spec = importlib.util.spec_from_file_location("reference_mae", Path(__file__).with_name("reference_mae.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def reference_pair(job: dict[str, Any]):
+    """vqmae's paper-preset model (with the job's overrides) and the reference, each with its own
+    optimiser and step functions, plus staged random paper-shaped batches."""
+    ref_mod = reference_module()
+    cfg = load_config("paper", job["overrides"])
+    device, b = job["device"], job["batch"]
+    dims = MAEDims.from_specs(PAPER_SPECS, cfg.mae)
+    torch.manual_seed(cfg.seed)
+    ours = MAEModel(cfg.mae, dims).to(device)
+    ref = ref_mod.ReferenceMAE().to(device)
+    lr = cfg.pretrain.base_lr * b / 256
+    opt_ours = adamw(param_groups(ours, cfg.pretrain.weight_decay), lr=lr, betas=tuple(cfg.pretrain.betas))
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(job.get("seed", 0))
+    batches = [{"visual": torch.randint(0, 512, (b, 50, 24, 24), generator=g).to(device),
+                "audio": torch.randint(0, 256, (b, 100, 64), generator=g).to(device)}
+               for _ in range(STAGED_BATCHES)]
+    gen = torch.Generator(device).manual_seed(0)
+    rng = np.random.default_rng(0)
+    ctx = autocast_context(device)
+    # Both models mask step i with the same visual ratio (audio: 1 − it), so the per-batch draws
+    # do not decide the comparison; vqmae draws its masks as `coupled_batch` does, in the step.
+    ratios = np.random.default_rng(job.get("seed", 0) + 1).uniform(size=10_000)
+
+    def ours_masks(i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for m, r in (("visual", ratios[i]), ("audio", 1.0 - ratios[i])):
+            n = ours.layouts[m].n_patches
+            noise = torch.rand(b, n, generator=gen, device=device)
+            out[m] = noise.argsort(1).argsort(1) < int(round(r * n))
+        return out
+
+    def train_ours(i: int) -> None:
+        ours.train()
+        with ctx:
+            loss = ours(batches[i % STAGED_BATCHES], None, mask=ours_masks(i)).loss
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.pretrain.grad_clip)
+        opt_ours.step()
+
+    def train_ref(i: int) -> None:
+        batch = batches[i % STAGED_BATCHES]
+        with ctx:
+            loss = ref(batch["visual"], batch["audio"], rng, ratios[i])
+        opt_ref.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ref.step()
+
+    @torch.no_grad()
+    def eval_ours(i: int) -> None:
+        ours.eval()
+        with ctx:
+            ours(batches[i % STAGED_BATCHES], None, mask=ours_masks(i))
+
+    @torch.no_grad()
+    def eval_ref(i: int) -> None:
+        batch = batches[i % STAGED_BATCHES]
+        with ctx:
+            ref(batch["visual"], batch["audio"], rng, ratios[i])
+
+    flops = {"vqmae": flops_per_window(cfg.mae, dims, 0.5),
+             "reference": ref_mod.reference_flops_per_window(0.5)}
+    params = {"vqmae": ours.num_params(), "reference": ref_mod.parameter_count(ref)}
+    return {"vqmae": (train_ours, eval_ours), "reference": (train_ref, eval_ref)}, flops, params
+
+
+def measure_versus_reference(job: dict[str, Any]) -> dict[str, Any]:
+    """Both models timed in one process, interleaved step by step (reference, vqmae, reference, ...)
+    so that a change in the machine's load hits both alike: training steps, then eval forwards."""
+    fns, flops, params = reference_pair(job)
+    device = job["device"]
+    out: dict[str, Any] = {"flops_per_window": flops, "params": params}
+    for phase, k in (("train", 0), ("eval", 1)):
+        took = {name: 0.0 for name in fns}
+        for i in range(job["warmup"] + job["steps"]):
+            for name, pair in fns.items():
+                synchronize(device)
+                t0 = time.perf_counter()
+                pair[k](i)
+                synchronize(device)
+                if i >= job["warmup"]:
+                    took[name] += time.perf_counter() - t0
+        out[phase] = {name: job["steps"] * job["batch"] / t for name, t in took.items()}
+    return out
+
+
+def measure_reference_rss(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS of one of the two models' training steps, alone in this process."""
+    fns, _, _ = reference_pair(job)
+    train = fns[job["model"]][0]
+    for i in range(job["warmup"] + 2):
+        train(i)
+    return {"model": job["model"], "peak_rss_gb": peak_rss_gb()}
 
 
 def matmul_tflops(device: str, seconds: float = 2.0) -> dict[str, Any]:
@@ -315,6 +424,8 @@ def parse_args() -> argparse.Namespace:
                     "there (e.g. the demo corpus's tokens.zarr) is used as it is")
     ap.add_argument("--markdown", action="store_true", help="print tables as markdown (README)")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip (e): vqmae's model against benchmarks/reference_mae.py (paper preset)")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = ap.parse_args()
     for key, value in DEFAULTS[args.device].items():
@@ -377,11 +488,30 @@ def print_report(console: Console, style: box.Box, res: dict[str, Any], base: Co
                       f"{'holds' if ratio >= TARGET_RATIO else 'does NOT hold'} on this machine")
 
 
+def print_reference(console: Console, style: box.Box, res: dict[str, Any]) -> None:
+    ref, peak = res.get("reference"), res["matmul"]["tflops"]
+    if not ref:
+        return
+    table = Table("model", "params M", "GFLOP/window", "train windows/s", "eval windows/s",
+                  "train achieved GFLOP/s", "of matmul peak", "peak RSS GiB", box=style,
+                  title=f"(e) against the reference implementation, interleaved step by step, batch "
+                        f"{res['batch']}, {res['steps']} steps after {res['warmup']} warm-up")
+    for name in ("reference", "vqmae"):
+        achieved = ref["flops_per_window"][name] * ref["train"][name] / 1e9
+        table.add_row(name, fmt(ref["params"][name] / 1e6, ".2f"), fmt(ref["flops_per_window"][name] / 1e9, ".1f"),
+                      fmt(ref["train"][name], ",.2f"), fmt(ref["eval"][name], ",.2f"), fmt(achieved, ",.1f"),
+                      fmt(100 * achieved / (peak * 1e3), ".1f") + " %", fmt(ref["peak_rss_gb"].get(name), ".2f"))
+    console.print(table)
+    console.print(f"(e) vqmae ÷ reference: training {ref['train']['vqmae'] / ref['train']['reference']:.2f}×, "
+                  f"eval {ref['eval']['vqmae'] / ref['eval']['reference']:.2f}× (same machine, same run)")
+
+
 def main() -> None:
     args = parse_args()
     if args.job:
         job = json.loads(args.job)
-        fn = measure_loader if job["kind"] == "loader" else measure_train
+        fn = {"loader": measure_loader, "train": measure_train, "reference": measure_versus_reference,
+              "reference_rss": measure_reference_rss}[job["kind"]]
         print(json.dumps(fn(job)))
         return
     # markdown rows must not wrap (they go into README.md)
@@ -421,9 +551,18 @@ def main() -> None:
         for r, label in zip(res["train"], labels):
             if r is not None:
                 r["label"] = label
+        if args.reference and args.preset == "paper":
+            ref_job = {**common, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
+                       "seed": args.seed}
+            res["reference"] = run_job({**ref_job, "kind": "reference"}, console)
+            if res["reference"] is not None:
+                res["reference"]["peak_rss_gb"] = {
+                    m: (run_job({**ref_job, "kind": "reference_rss", "model": m}, console) or {}).get("peak_rss_gb")
+                    for m in ("reference", "vqmae")}
         # measured again after the jobs, the best kept: another job on a shared CPU lowers it
         res["matmul"] = max(res["matmul"], matmul_tflops(args.device), key=lambda r: r["tflops"])
     print_report(console, style, res, base)
+    print_reference(console, style, res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

@@ -16,7 +16,7 @@ from vqmae.models.masking import masking_from
 # Paper patch sizes on smaller grids: visual 8×8 tokens × 50 frames → 2×2×10 = 40 tubes of 80 ids,
 # audio 8 tokens × 100 frames → 2×10 = 20 patches of 40 ids; 10 time steps in both.
 DIMS = MAEDims(audio=ModalityDims(16, (8,), 100), visual=ModalityDims(32, (8, 8), 50))
-CFG = MAEConfig(width=32, heads=2, mlp_ratio=2.0, encoder_depth=2, decoder_depth=1)
+CFG = MAEConfig(width=32, heads=2, mlp_ratio=2.0, encoder_depth=2, decoder_depth=1, head_dim=0)
 PAPER_DIMS = MAEDims(audio=ModalityDims(256, (64,), 100), visual=ModalityDims(512, (24, 24), 50))
 SPECS = {"audio": {"codebook_size": 256, "grid": [64], "frame_rate": 50.0, "tokenizer_sha256": "a"},
          "visual": {"codebook_size": 512, "grid": [24, 24], "frame_rate": 25.0,
@@ -170,6 +170,24 @@ def test_coupled_masking_ratios_sum_to_one():
     assert r["visual"].std() > 0.2 and 0.3 < r["visual"].mean() < 0.7  # U(0, 1), per clip
     assert (sum(mk.n_visible.values()) >= 1).all()
     _check_order(mk)
+
+
+def test_coupled_batch_masking_shares_one_ratio_and_pads_nothing():
+    """One Dirichlet draw per batch: every full-length clip keeps the same visible count (the
+    encoder input has no padding), the two ratios sum to one, and the ratio changes per batch."""
+    ratios = []
+    for seed in range(6):
+        _, inp, mk = _masking("coupled_batch", seed=seed, b=8)
+        full = ~inp.padding["visual"].any(1) & ~inp.padding["audio"].any(1)
+        assert full.sum() >= 2
+        for m in ("audio", "visual"):
+            assert mk.n_visible[m][full].unique().numel() == 1
+        r = {m: mk.mask[m].sum(1) / (~inp.padding[m]).sum(1) for m in ("audio", "visual")}
+        slack = 0.5 / (~inp.padding["audio"]).sum(1) + 0.5 / (~inp.padding["visual"]).sum(1)
+        assert ((r["audio"] + r["visual"] - 1).abs() <= slack + 1e-6).all()
+        ratios.append(float(r["visual"][full][0]))
+        _check_order(mk)
+    assert max(ratios) - min(ratios) > 0.2
 
 
 def test_time_masking_masks_whole_aligned_steps():
@@ -455,7 +473,7 @@ def test_bad_batches_name_the_key_and_reason():
 # -- size and cost -----------------------------------------------------------------------------
 
 def test_paper_size_and_flops():
-    cfg = load_config("paper").mae
+    cfg = load_config("paper", ["mae.head_dim=0"]).mae  # the dense head
     m = MAEModel(cfg, SPECS)
     blocks = sum(p.numel() for p in [*m.encoder.parameters(), *m.decoder.parameters()])
     heads = sum(p.numel() for p in m.head.parameters())
@@ -481,12 +499,33 @@ def test_factorised_head():
                      + 320 * 40 * 16 + 40 * 16 + 16 * 256 + 256)
     assert 8.3e6 < m.num_params() < 8.5e6
     flops = flops_per_window(cfg, m.dims)
-    assert 20e9 < flops < 22e9 < flops_per_window(load_config("paper").mae, m.dims)
+    assert 20e9 < flops < 22e9 < flops_per_window(replace(cfg, head_dim=0), m.dims)
     small = model(head_dim=8)
     out = small(make_batch(), gen(0), return_logits=True)
     assert out.logits["visual"].shape == (4, 40, 80, 32) and torch.isfinite(out.loss)
-    with pytest.raises(ValueError, match="head_dim=-1 must be 0"):
-        model(head_dim=-1)
+    with pytest.raises(ValueError, match="head_dim=-2: expected -1"):
+        model(head_dim=-2)
+
+
+def test_paper_head_reads_one_slice_of_the_width_per_id():
+    """The paper preset's head: the decoder feature is n_ids slices (4 × 80 visual, 8 × 40 audio),
+    each scored by one shared Linear(slice → codebook); changing one slice changes only that id's
+    logits."""
+    cfg = load_config("paper").mae
+    assert cfg.head_dim == -1
+    m = MAEModel(cfg, SPECS)
+    heads = sum(p.numel() for p in m.head.parameters())
+    assert heads == 4 * 512 + 512 + 8 * 256 + 256
+    assert flops_per_window(cfg, m.dims) < flops_per_window(replace(cfg, head_dim=16), m.dims)
+    h = torch.randn(3, 320)
+    out = m.head["visual"](h)
+    assert out.shape == (3, 80, 512)
+    h2 = h.clone()
+    h2[:, 4 * 7:4 * 8] += 1.0  # slice of id 7
+    changed = (m.head["visual"](h2) - out).abs().amax(-1) > 0  # [3, 80]
+    assert changed[:, 7].all() and changed.sum() == 3
+    with pytest.raises(ValueError, match="mae.width=64 is not divisible by the 40 ids"):
+        model(head_dim=-1, width=64)
 
 
 def test_unigram_prior_starts_the_head_at_each_positions_most_frequent_code():
@@ -549,3 +588,34 @@ def test_ce_denominator_splits_a_batch_exactly():
              ce_denominator={n: 0.0 for n in m.names})
     assert torch.isnan(none.metrics["loss/audio_ce"]) and torch.isnan(none.metrics["acc/visual"])
     assert none.loss == 0
+
+
+def test_chunked_masked_ce_equals_the_whole_loss_and_its_gradient():
+    """Above the logits budget the loss runs in checkpointed chunks: the same sum, hits and
+    gradients as one pass over every masked patch; IGNORE targets count nowhere."""
+    from vqmae.models.heads import IGNORE, Head, masked_ce
+    torch.manual_seed(0)
+    head = Head(32, 8, 50, 16)
+    h = torch.randn(37, 32, requires_grad=True)
+    target = torch.randint(0, 50, (37, 8))
+    target[3, :4] = IGNORE
+    patches = torch.arange(37)
+    results = []
+    # one pass; checkpointed chunks of 5 patches; the fused linear CE in one and in 7-row chunks
+    for budget, fused in ((10 ** 9, None), (8 * 50 * 5, None), (10 ** 9, head), (50 * 7, head)):
+        head.zero_grad()
+        h.grad = None
+        total, hits = masked_ce(lambda x, p: head(x), h, patches, target, 50, budget=budget, head=fused)
+        (2.0 * total).backward()
+        results.append((total.detach(), hits, h.grad.clone(), head.classify.weight.grad.clone(),
+                        head.classify.bias.grad.clone(), head.proj.weight.grad.clone()))
+    t1, n1, g1, w1, b1, p1 = results[0]
+    for t2, n2, g2, w2, b2, p2 in results[1:]:
+        assert torch.allclose(t1, t2, rtol=1e-5) and int(n1) == int(n2)
+        assert torch.allclose(g1, g2, atol=1e-5) and torch.allclose(w1, w2, atol=1e-4)
+        assert torch.allclose(b1, b2, atol=1e-4) and torch.allclose(p1, p2, atol=1e-4)
+    logits = head(h).detach()
+    keep = target != IGNORE
+    expect = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+    assert torch.allclose(t1, expect, rtol=1e-5)
+    assert int(n1) == int((logits.argmax(-1) == target)[keep].sum())

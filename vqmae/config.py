@@ -134,15 +134,16 @@ class MAEConfig:
     decoder_depth: int = 3
     dropout: float = 0.0
     fusion: Literal["joint", "cross"] = "joint"
-    # masking, per clip
-    masking: Literal["coupled", "fixed", "time", "audio2visual", "visual2audio"] = "coupled"
+    # masking (vqmae/models/masking.py); "coupled_batch": one ratio per batch, as the paper
+    masking: Literal["coupled", "coupled_batch", "fixed", "time", "audio2visual",
+                     "visual2audio"] = "coupled_batch"
     mask_ratio_audio: float = 0.5  # for "fixed" and "time"
     mask_ratio_visual: float = 0.5
     contrastive_weight: float = 0.0
-    # Prediction head: 0 = one linear layer to ids × codebook_size (16.4 M params at paper sizes);
-    # d > 0 = width → ids × d, then a d → codebook_size layer shared by the ids (paper sizes:
-    # 8.4 M params and 21 GFLOP per window instead of 24.2 M and 36 GFLOP).
-    head_dim: int = 0
+    # Prediction head (vqmae/models/heads.py): -1 = the paper's, the width read as one slice per id
+    # and a shared Linear(slice → codebook_size); 0 = one linear layer to ids × codebook_size
+    # (16.4 M params at paper sizes); d > 0 = width → ids × d, then a shared d → codebook_size.
+    head_dim: int = -1
     # Add each grid cell's code log-frequencies over the training clips to the logits (a buffer set
     # by `vqmae pretrain`). Off: on a tiny store it lowered the validation CE but not the fine-tuned
     # UAR, and costs a logits-sized gather per step (benchmarks/pretrain.py --variant ...=true).

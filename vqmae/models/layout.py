@@ -210,9 +210,8 @@ def flops_per_window(cfg: MAEConfig, dims: MAEDims, mask_ratio: float = 0.5) -> 
         flat = lay.patch_ids * e
         if flat != w:
             fwd += 2 * lay.n_patches * flat * w
-        d = cfg.head_dim
-        head_macs = lay.patch_ids * (d * (w + dims.get(m).codebook_size) if d
-                                     else w * dims.get(m).codebook_size)
+        d, k = cfg.head_dim, dims.get(m).codebook_size
+        head_macs = lay.patch_ids * ((w // lay.patch_ids) * k if d < 0 else d * (w + k) if d else w * k)
         fwd += 2 * mask_ratio * lay.n_patches * head_macs
     for depth, length in ((cfg.encoder_depth, n_enc), (cfg.decoder_depth, n_total)):
         fwd += depth * (2 * length * block_macs + 4 * length * length * w)

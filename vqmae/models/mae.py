@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmae.config import MAEConfig, mae_modalities
+from vqmae.models.heads import IGNORE, Head, masked_ce
 from vqmae.models.layout import MODALITIES, MAEDims, patch_layout, sincos_positions
 from vqmae.models.masking import Masking, masking_from, sample_masking
 from vqmae.models.transformer import Block, CrossEncoder
@@ -44,7 +45,6 @@ from vqmae.models.transformer import Block, CrossEncoder
 # InfoNCE temperature of the optional contrastive term (CLIP's initial value is 0.07; pooled
 # summaries of a small model saturate less with a softer 0.1).
 CONTRASTIVE_TEMPERATURE = 0.1
-IGNORE = -100  # target of a padded id in a partly padded masked patch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class MAEModel(nn.Module):
             self.token_embed[m] = nn.Embedding(c, e)
             flat = lay.patch_ids * e
             self.patch_proj[m] = nn.Linear(flat, w) if flat != w else nn.Identity()
-            self.head[m] = _Head(w, lay.patch_ids, c, cfg.head_dim)
+            self.head[m] = Head(w, lay.patch_ids, c, cfg.head_dim)
         # Per token position (grid cell), the log-frequency of each code: added to the head's
         # logits so the decoder learns what context adds to the unigram (zeros = no prior).
         self.prior = nn.Module()
@@ -152,8 +152,14 @@ class MAEModel(nn.Module):
         for key in ("mask_ratio_audio", "mask_ratio_visual"):
             if not 0.0 <= getattr(cfg, key) <= 1.0:
                 raise ValueError(f"mae.{key}={getattr(cfg, key)} must lie in [0, 1]")
-        if cfg.head_dim < 0:
-            raise ValueError(f"mae.head_dim={cfg.head_dim} must be 0 (linear head) or positive")
+        if cfg.head_dim < -1:
+            raise ValueError(f"mae.head_dim={cfg.head_dim}: expected -1 (the paper's per-id head), "
+                             f"0 (one linear layer) or a positive size")
+        for m in self.names if cfg.head_dim == -1 else ():
+            ids = patch_layout(m, self.dims.get(m), cfg).patch_ids
+            if cfg.width % ids:
+                raise ValueError(f"mae.head_dim=-1 reads the width as one slice per id: mae.width="
+                                 f"{cfg.width} is not divisible by the {ids} ids of a {m} patch")
         if cfg.pos_init not in ("sincos", "random"):
             raise ValueError(f"mae.pos_init={cfg.pos_init!r}: expected 'sincos' or 'random'")
         if cfg.fusion not in ("joint", "cross"):
@@ -375,15 +381,15 @@ class MAEModel(nn.Module):
             # Padded ids of partly padded patches are ignored rather than indexed away: boolean
             # indexing would copy the (large) logits forward and scatter them back in backward.
             target = inp.ids[m][mask].masked_fill(~tokens, IGNORE)  # [M, P]
-            logits = self.logits(m, dec[m][mask], mask.nonzero(as_tuple=True)[1]).flatten(0, 1)  # [M·P, C]
-            total = F.cross_entropy(logits, target.flatten(), ignore_index=IGNORE,
-                                    reduction="sum")
+            total, hits = masked_ce(lambda h, p, m=m: self.logits(m, h, p), dec[m][mask],
+                                    mask.nonzero(as_tuple=True)[1], target,
+                                    self.dims.get(m).codebook_size,
+                                    head=None if self.cfg.unigram_prior else self.head[m])
             ce = total / denom.clamp(min=1e-12)  # a zero count has a zero sum: adds nothing
             loss = loss + ce
-            hits = (logits.detach().argmax(-1) == target.flatten()) & tokens.flatten()
             none = torch.full_like(denom, math.nan)
             metrics[f"loss/{m}_ce"] = torch.where(denom > 0, ce.detach(), none)
-            metrics[f"acc/{m}"] = torch.where(denom > 0, hits.sum() / denom.clamp(min=1e-12), none)
+            metrics[f"acc/{m}"] = torch.where(denom > 0, hits / denom.clamp(min=1e-12), none)
         return loss, metrics
 
     def contrastive_loss(self, enc: dict[str, torch.Tensor], masking: Masking,
@@ -417,29 +423,6 @@ class MAEModel(nn.Module):
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         # value unchanged, gradient × world (see the docstring)
         return loss if world == 1 else world * loss - (world - 1) * loss.detach()
-
-
-class _Head(nn.Module):
-    """Decoder feature `[..., width]` → logits `[..., n_ids, codebook_size]`.
-
-    `head_dim` 0: one linear layer to n_ids × codebook_size (docs/design.md §2; 16.4 M parameters at
-    the paper sizes, more than the transformer). `head_dim` d > 0: width → n_ids × d, GELU, then one
-    d → codebook_size layer shared by every id of the patch (12× fewer head FLOPs at d = 16).
-    """
-
-    def __init__(self, width: int, n_ids: int, codebook_size: int, head_dim: int):
-        super().__init__()
-        self.n_ids = n_ids
-        if head_dim:
-            self.proj = nn.Linear(width, n_ids * head_dim)
-            self.classify = nn.Linear(head_dim, codebook_size)
-        else:
-            self.proj = nn.Linear(width, n_ids * codebook_size)
-            self.classify = None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.proj(h).unflatten(-1, (self.n_ids, -1))  # [..., n_ids, d or C]
-        return x if self.classify is None else self.classify(F.gelu(x))
 
 
 def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor

@@ -71,9 +71,12 @@ def _mask_counts(strategy: str, n_valid: dict[str, torch.Tensor], ratios: Mappin
     """Patches to mask per sample `[B]` for the count-based strategies."""
     names = list(n_valid)
     first = n_valid[names[0]]
-    if strategy == "coupled":
+    if strategy in ("coupled", "coupled_batch"):
         # Dirichlet(1, 1) = (u, 1 − u) with u ~ U(0, 1); a lone modality keeps that marginal.
-        r_v = torch.rand(first.shape, generator=generator, device=first.device)
+        # "coupled_batch" draws one u for the whole batch (the paper's code): every sample keeps
+        # the same count, so the encoder's input has no padding beyond the clips' own.
+        shape = first.shape if strategy == "coupled" else (1,)
+        r_v = torch.rand(shape, generator=generator, device=first.device).expand(first.shape)
         r = {"visual": r_v, "audio": 1.0 - r_v} if len(names) == 2 else {names[0]: r_v}
     elif strategy == "fixed":
         r = {m: torch.full(first.shape, float(ratios[m]), device=first.device) for m in names}

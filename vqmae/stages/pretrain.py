@@ -40,7 +40,7 @@ from vqmae.models.layout import MAEDims
 from vqmae.models.mae import MAEModel
 from vqmae.recon import predicted_codes, save_panels
 from vqmae.store import TokenStore
-from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, base_lrs, init_distributed
+from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, adamw, base_lrs, init_distributed
 from vqmae.utils import atomic_write_json, autocast_context
 from vqmae.windows import (WindowBatch, WindowData, batch_dict, make_batch, position_counts, tile_windows,
                            unigram_baseline)
@@ -275,7 +275,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     torch.manual_seed(cfg.seed)
     model = MAEModel(cfg.mae, dims).to(device)
     lr = pcfg.base_lr * pcfg.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, pcfg.weight_decay), lr=lr, betas=tuple(pcfg.betas))
+    opt = adamw(param_groups(model, pcfg.weight_decay), lr=lr, betas=tuple(pcfg.betas))
     fit = Fit("pretrain", model, opt, total_steps=pcfg.steps, warmup_steps=pcfg.warmup_steps,
               grad_clip=pcfg.grad_clip, bases=base_lrs(opt), device=device, info=info, reporter=reporter)
     path = run / CKPT_NAME

@@ -27,7 +27,7 @@ from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, Finetu
                                         predict_clips, restrict)
 from vqmae.store import TokenStore
 from vqmae.tasks import Task
-from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, base_lrs
+from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, adamw, base_lrs
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 from vqmae.windows import WindowPlan
 
@@ -78,7 +78,7 @@ def _optimizer(model: EmotionModel, fcfg: FinetuneConfig) -> torch.optim.Optimiz
         plain = p.ndim < 2 or any(k in name for k in ("embed", "pos", "modality", "absent",
                                                        "query", "token"))
         groups.setdefault((lr, 0.0 if plain else fcfg.weight_decay), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd}
+    return adamw([{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd}
                               for (lr, wd), ps in groups.items()], betas=(0.9, 0.999))
 
 
