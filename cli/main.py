@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli import evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth, tokenize
+from cli import (config, evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth,
+                 tokenize)
 
 app = typer.Typer(
     help="vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.",
@@ -23,6 +24,7 @@ app.command("predict")(predict.predict)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("inspect")(inspect.inspect)
 app.command("export")(export.export)
+app.add_typer(config.app, name="config")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ CASES = [
     (["synth", "out", "--set", "nosuch.key=1"], 2),
     (["synth", "out", "--kind", "nope"], 2),
     (["predict", "clip.mp4", "--model", "m.pt", "--modality", "nope"], 2),
+    (["config", "--help"], 0),
+    (["config", "show", "mae.", "--preset", "tiny"], 0),
+    (["config", "show", "nosuch."], 2),
 ]
 
 SCRIPT = """

@@ -59,3 +59,26 @@ def test_unknown_key_suggests_the_close_ones_not_all():
     assert len(str(e.value)) < 200
     with pytest.raises(ConfigError, match=r"'nosuch.key'; valid keys: audio, audio_vq"):
         load_config("tiny", ["nosuch.key=1"])
+
+
+def test_config_show_lists_keys_types_preset_values_and_paper_defaults():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["config", "show", "mae.head_dim", "--preset", "tiny"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "mae.head_dim" in x)
+    assert [c.strip() for c in line.strip("│┃ ").split("│")] == ["mae.head_dim", "int", "16", "-1"]
+    r = runner.invoke(app, ["config", "show", "finetune.pooling", "--preset", "tiny", "--set",
+                            "finetune.pooling=stats"], terminal_width=200)
+    line = next(x for x in r.output.splitlines() if "finetune.pooling" in x)
+    assert "'stats'" in line and "'attention'" in line and "mean" in line
+    from cli.config import rows
+    from vqmae.config import load_config, valid_keys
+    listed = rows(load_config("tiny"), load_config("paper"))
+    assert [k for k, *_ in listed] == valid_keys()  # every key --set accepts, in order
+    assert ("synth.n_speakers", "int", 12, load_config("paper").synth.n_speakers) in listed
+    r = runner.invoke(app, ["config", "show", "mae.hed"], terminal_width=200)
+    assert r.exit_code == 2 and "mae.head_dim" in r.output
