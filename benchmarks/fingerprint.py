@@ -23,7 +23,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 
 def vqmae(*args: str) -> None:
-    cmd = [sys.executable, "-c", "from cli.main import app; app()", *args]
+    cmd = [sys.executable, "-c", "from vqmae_cli.main import app; app()", *args]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cli.common import PresetOpt, SetOpt, console, err_console, make_config
+from vqmae_cli.common import PresetOpt, SetOpt, console, err_console, make_config
 
 app = typer.Typer(help="Configuration keys: what `--set KEY=VALUE` accepts.", no_args_is_help=True,
                   add_completion=False)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from cli.common import RichReporter, console, err_console, results_table, setup_logging
+from vqmae_cli.common import RichReporter, console, err_console, results_table, setup_logging
 
 if TYPE_CHECKING:
     from vqmae.stages.finetune.evaluate import EvaluateResult

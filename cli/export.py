@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, setup_logging
+from vqmae_cli.common import console, err_console, setup_logging
 
 if TYPE_CHECKING:
     from vqmae.stages.export import ExportResult

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import (PresetOpt, RichReporter, SetOpt, console, err_console, make_config, results_table,
+from vqmae_cli.common import (PresetOpt, RichReporter, SetOpt, console, err_console, make_config, results_table,
                         setup_logging)
 
 

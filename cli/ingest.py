@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
+from vqmae_cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
 
 if TYPE_CHECKING:
     from vqmae.stages.ingest import IngestReport

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console
+from vqmae_cli.common import console, err_console
 
 if TYPE_CHECKING:
     import numpy as np

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import (config, evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth,
+from vqmae_cli import (config, evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth,
                  tokenize)
 
 app = typer.Typer(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.common import RichReporter, console, err_console, setup_logging
+from vqmae_cli.common import RichReporter, console, err_console, setup_logging
 
 if TYPE_CHECKING:
     from vqmae.stages.predict import Prediction, Predictor, PredictResult

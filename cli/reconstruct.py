@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import console, err_console, setup_logging
+from vqmae_cli.common import console, err_console, setup_logging
 
 
 def reconstruct(

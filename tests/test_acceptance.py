@@ -15,7 +15,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

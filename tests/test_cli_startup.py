@@ -38,7 +38,7 @@ def heavy_loaded():
     return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 
 from typer.testing import CliRunner
-from cli.main import app
+from vqmae_cli.main import app
 
 out = [{{"argv": [], "exit_code": 0, "heavy": heavy_loaded(), "output": ""}}]
 runner = CliRunner()
@@ -56,7 +56,7 @@ def test_cli_help_and_errors_import_no_heavy_modules():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not results[0]["heavy"], f"`from cli.main import app` imported {results[0]['heavy']}"
+    assert not results[0]["heavy"], f"`from vqmae_cli.main import app` imported {results[0]['heavy']}"
     for (argv, code), r in zip(CASES, results[1:]):
         assert r["argv"] == argv
         assert r["exit_code"] == code, (f"vqmae {' '.join(argv)}: exit {r['exit_code']}, expected {code}; "
@@ -67,7 +67,7 @@ def test_cli_help_and_errors_import_no_heavy_modules():
 
 
 def test_predict_modes_match_stage():
-    from cli.predict import MODES as CLI_MODES
+    from vqmae_cli.predict import MODES as CLI_MODES
     from vqmae.stages.predict import MODES
 
     assert CLI_MODES == MODES
@@ -77,7 +77,7 @@ def test_refused_commands_leave_no_run_directory(tmp_path, monkeypatch):
     """A command that fails on its arguments (here: no such store) exits 2 and writes nothing."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from vqmae_cli.main import app
 
     monkeypatch.chdir(tmp_path)
     for args in (["pretrain", "nosuch.zarr"], ["finetune", "nosuch.zarr", "--from-scratch"],
@@ -94,7 +94,7 @@ def test_progress_is_printed_as_lines_when_not_on_a_terminal():
 
     from rich.console import Console
 
-    from cli.common import RichReporter
+    from vqmae_cli.common import RichReporter
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)

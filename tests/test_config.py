@@ -64,7 +64,7 @@ def test_unknown_key_suggests_the_close_ones_not_all():
 def test_config_show_lists_keys_types_preset_values_and_paper_defaults():
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from vqmae_cli.main import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["config", "show", "mae.head_dim", "--preset", "tiny"], terminal_width=200)
@@ -75,7 +75,7 @@ def test_config_show_lists_keys_types_preset_values_and_paper_defaults():
                             "finetune.pooling=stats"], terminal_width=200)
     line = next(x for x in r.output.splitlines() if "finetune.pooling" in x)
     assert "'stats'" in line and "'attention'" in line and "mean" in line
-    from cli.config import rows
+    from vqmae_cli.config import rows
     from vqmae.config import load_config, valid_keys
     listed = rows(load_config("tiny"), load_config("paper"))
     assert [k for k, *_ in listed] == valid_keys()  # every key --set accepts, in order

@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 
 
 def test_synth_then_ingest_finds_faces(tmp_path):

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cli.export import export as export_cmd
+from vqmae_cli.export import export as export_cmd
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from vqmae.config import load_config
 from vqmae.stages.export import (CLASSIFIER_FILE, FORMAT, TOLERANCE, ExportError, _difference, _Target,
@@ -47,7 +47,7 @@ from pathlib import Path
 
 class NoVqmae(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("vqmae", "cli"):
+        if name.split(".")[0] in ("vqmae", "vqmae_cli"):
             raise ImportError(f"the exported files needed {name}")
 
 
@@ -88,7 +88,7 @@ def clip_scores(wave, faces):
 
 for key in [k for k in calls if k.startswith("clip")]:
     results[key] = clip_scores(*calls[key])
-assert not [m for m in sys.modules if m.split(".")[0] in ("vqmae", "cli")]
+assert not [m for m in sys.modules if m.split(".")[0] in ("vqmae", "vqmae_cli")]
 torch.save(results, calls_path.with_suffix(".out.pt"))
 '''
 
@@ -310,7 +310,7 @@ def _cli():
 
 def test_cli_summary_and_errors(built, tmp_path, monkeypatch):
     tmp, av, _, toks, _ = built
-    monkeypatch.setattr("cli.export.console", Console(width=200))
+    monkeypatch.setattr("vqmae_cli.export.console", Console(width=200))
     res = CliRunner().invoke(_cli(), [str(av), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     for name in ("classifier.ts", "audio_encoder.ts", "visual_encoder.ts", "export.json",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 from vqmae.config import load_config
 from vqmae.stages.finetune import FinetuneError, finetune
 from vqmae.stages.pretrain import pretrain

@@ -9,7 +9,7 @@ from skimage.data import astronaut
 from typer.testing import CliRunner
 
 import vqmae.ingest as ingest_mod
-from cli.main import app
+from vqmae_cli.main import app
 from tests.conftest import tone, write_audio_only, write_video, write_wav
 from vqmae.config import load_config
 from vqmae.datasets import ClipInfo

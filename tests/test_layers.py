@@ -22,12 +22,14 @@ FLOORS = [
      "vqmae.encoding", "vqmae.noise", "vqmae.recon"],
     ["vqmae.stages"],
     ["vqmae.stages.export"],  # an export is a Predictor written to files: it stands on stages.predict
-    ["cli"],
+    ["vqmae_cli"],  # the cli/ folder, installed as vqmae_cli
 ]
 
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "cli":
+        parts[0] = "vqmae_cli"
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)

@@ -17,7 +17,7 @@ from rich.console import Console
 from skimage.data import astronaut
 from typer.testing import CliRunner
 
-from cli.predict import predict as predict_cmd
+from vqmae_cli.predict import predict as predict_cmd
 from tests.conftest import write_video, write_wav
 from vqmae.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from vqmae.config import load_config
@@ -267,7 +267,7 @@ def _cli():
 
 def test_cli_table_json_and_csv(setup, tmp_path, monkeypatch):
     _, corpus, ckpt, p = setup
-    monkeypatch.setattr("cli.predict.console", Console(width=200))
+    monkeypatch.setattr("vqmae_cli.predict.console", Console(width=200))
     (tmp_path / "broken.mp4").write_bytes(b"junk")
     out_json, out_csv = tmp_path / "out" / "r.json", tmp_path / "out" / "r.csv"
     args = [str(corpus / "v21.mp4"), str(corpus / "a2.wav"), str(tmp_path / "broken.mp4"), "--model", str(ckpt),
@@ -298,7 +298,7 @@ def test_cli_table_json_and_csv(setup, tmp_path, monkeypatch):
 
 def test_cli_same_speaker(setup, tmp_path, monkeypatch):
     _, corpus, ckpt, p = setup
-    monkeypatch.setattr("cli.predict.console", Console(width=200))
+    monkeypatch.setattr("vqmae_cli.predict.console", Console(width=200))
     files = [str(corpus / f) for f in ("v10.mp4", "v11.mp4", "a1.wav")]
     out_csv = tmp_path / "r.csv"
     base = [*files, "--model", str(ckpt), "--workers", "0", "--device", "cpu", "--csv", str(out_csv),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 from vqmae.config import load_config
 from vqmae.stages.pretrain import PretrainError, pretrain
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge

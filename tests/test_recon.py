@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 from vqmae.checkpoint import checkpoint_sha256, load_mae, save_checkpoint, store_tokenizers
 from vqmae.config import load_config, resolve_modalities
 from vqmae.models.tokenizers import build_tokenizer

@@ -534,14 +534,14 @@ def test_not_a_store(tmp_path):
 def invoke(*args: str):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from vqmae_cli.main import app
 
     return CliRunner().invoke(app, list(args))
 
 
 @pytest.fixture()
 def wide_console(monkeypatch):
-    from cli.common import console
+    from vqmae_cli.common import console
 
     monkeypatch.setattr(console, "width", 160)
 
@@ -645,7 +645,7 @@ def test_missing_truncated_or_altered_chunks_are_found_not_read_as_codes(tmp_pat
 def test_inspect_verify_exit_codes(tmp_path, reference):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from vqmae_cli.main import app
     from vqmae.store.integrity import chunk_file
 
     ok = CliRunner().invoke(app, ["inspect", str(reference), "--verify"])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 from vqmae import demo as S
 from vqmae.config import SynthConfig
 from vqmae.demo import profiles

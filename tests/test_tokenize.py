@@ -13,7 +13,7 @@ import pytest
 from skimage.data import astronaut
 from typer.testing import CliRunner
 
-from cli.main import app
+from vqmae_cli.main import app
 from tests.conftest import write_video, write_wav
 from vqmae.checkpoint import checkpoint_sha256
 from vqmae.store import TokenStore
