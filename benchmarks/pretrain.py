@@ -35,11 +35,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from vqmae.config import Config, StoreConfig, load_config, mae_modalities  # noqa: E402
 from vqmae.models.layout import MAEDims, flops_per_window, patch_layout  # noqa: E402
 from vqmae.models.mae import MAEModel  # noqa: E402
+from vqmae.models.masking import sample_masking  # noqa: E402
 from vqmae.stages.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups  # noqa: E402
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge  # noqa: E402
 from vqmae.training import adamw, autocast_context  # noqa: E402
@@ -217,8 +218,8 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = MAEModel(cfg.mae, dims).to(device)
     net = torch.compile(model) if pcfg.compile else model
-    opt = adamw(param_groups(model, pcfg.weight_decay),
-                            lr=pcfg.base_lr * pcfg.batch_size / 256, betas=tuple(pcfg.betas))
+    opt = adamw(param_groups(model, pcfg.weight_decay), lr=pcfg.base_lr * pcfg.batch_size / 256,
+                betas=tuple(pcfg.betas))
     masker = GlobalMasking(model, data, device)
     it = data.train_batches()
     staged = [(batch_dict(b, device), b.rows.to(device), b.starts.to(device))
@@ -292,16 +293,14 @@ def reference_pair(job: dict[str, Any]):
     rng = np.random.default_rng(0)
     ctx = autocast_context(device)
     # Both models mask step i with the same visual ratio (audio: 1 − it), so the per-batch draws
-    # do not decide the comparison; vqmae draws its masks as `coupled_batch` does, in the step.
+    # do not decide the comparison; vqmae draws its masks in the step with its own masking code.
     ratios = np.random.default_rng(job.get("seed", 0) + 1).uniform(size=10_000)
+    no_padding = {m: torch.zeros(b, lay.n_patches, dtype=torch.bool, device=device)
+                  for m, lay in ours.layouts.items()}
 
     def ours_masks(i: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for m, r in (("visual", ratios[i]), ("audio", 1.0 - ratios[i])):
-            n = ours.layouts[m].n_patches
-            noise = torch.rand(b, n, generator=gen, device=device)
-            out[m] = noise.argsort(1).argsort(1) < int(round(r * n))
-        return out
+        r = {"visual": float(ratios[i]), "audio": 1.0 - float(ratios[i])}
+        return sample_masking("fixed", no_padding, ours.layouts, r, gen).mask
 
     def train_ours(i: int) -> None:
         ours.train()

@@ -142,8 +142,7 @@ class ReferenceMAE(nn.Module):
             out = y[:, start:start + n]
             start += n
             logits = self.head[m](out.reshape(b, n, s["ids"], s["emb"]))  # every tube: [B, n, ids, K]
-            masked = torch.gather(torch.arange(n, device=device).expand(b, n), 1, back[m]) >= keep[m]
-            masked = masked[:, :, None].expand(-1, -1, s["ids"])
+            masked = (back[m] >= keep[m])[:, :, None].expand(-1, -1, s["ids"])  # tube's shuffled place
             if masked.any():
                 loss = loss + F.cross_entropy(logits[masked], ids[m][masked])
         return loss

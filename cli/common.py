@@ -40,64 +40,78 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-class RichReporter:
-    """`vqmae.training.Reporter` drawn as rich progress bars (one per named phase) on a terminal.
+def RichReporter(console: Console, every: float = 30.0) -> "BarReporter | LineReporter":
+    """A `vqmae.training.Reporter` for `console`: rich progress bars on a terminal; elsewhere (a log
+    file, `nohup`, CI), where bars would draw nothing until the end, plain lines."""
+    return BarReporter(console) if console.is_terminal else LineReporter(console, every)
 
-    Elsewhere (a log file, `nohup`, CI) bars would draw nothing until the end, so each phase
-    prints a plain line when it starts, at most every `every` seconds while it runs (done / total,
-    the latest fields, elapsed and remaining time) and when it finishes."""
 
-    def __init__(self, console: Console, every: float = 30.0):
-        self.console, self.every = console, every
-        self.plain = not console.is_terminal
-        self.tasks: dict[str, int] = {}
-        self.state: dict[str, dict] = {}  # plain mode: per phase done, total, t0, last line, info
-        if self.plain:
-            return
+def _info(fields: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+class BarReporter:
+    """One rich progress bar per named phase."""
+
+    def __init__(self, console: Console):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, int] = {}
 
-    def __enter__(self) -> "RichReporter":
-        if not self.plain:
-            self.progress.start()
+    def __enter__(self) -> "BarReporter":
+        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self.plain:
-            self.progress.stop()
+        self.progress.stop()
 
     def start(self, name: str, total: int | None) -> None:
-        if self.plain:
-            now = time.monotonic()
-            self.state[name] = {"done": 0, "total": total, "t0": now, "last": now, "info": ""}
-            self._line(name, "started")
-            return
         self.tasks[name] = self.progress.add_task(name, total=total, info="")
 
     def advance(self, name: str, n: int = 1, **fields) -> None:
-        info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        if self.plain:
-            st = self.state[name]
-            st["done"] += n
-            st["info"] = info or st["info"]
-            if time.monotonic() - st["last"] >= self.every:
-                self._line(name)
-            return
+        info = _info(fields)
         self.progress.update(self.tasks[name], advance=n, **({"info": info} if info else {}))
 
     def finish(self, name: str) -> None:
-        if self.plain:
-            st = self.state[name]
-            st["done"] = st["total"] if st["total"] is not None else st["done"]
-            self._line(name, "done")
-            return
         task = self.tasks[name]
         total = next(t.total for t in self.progress.tasks if t.id == task)
         self.progress.update(task, completed=total)
+
+
+class LineReporter:
+    """Each phase prints a plain line when it starts, at most every `every` seconds while it runs
+    (done / total, the latest fields, elapsed and remaining time) and when it finishes."""
+
+    def __init__(self, console: Console, every: float = 30.0):
+        self.console, self.every = console, every
+        self.state: dict[str, dict] = {}  # per phase: done, total, t0, last line, info
+
+    def __enter__(self) -> "LineReporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, name: str, total: int | None) -> None:
+        now = time.monotonic()
+        self.state[name] = {"done": 0, "total": total, "t0": now, "last": now, "info": ""}
+        self._line(name, "started")
+
+    def advance(self, name: str, n: int = 1, **fields) -> None:
+        st = self.state[name]
+        st["done"] += n
+        st["info"] = _info(fields) or st["info"]
+        if time.monotonic() - st["last"] >= self.every:
+            self._line(name)
+
+    def finish(self, name: str) -> None:
+        st = self.state[name]
+        st["done"] = st["total"] if st["total"] is not None else st["done"]
+        self._line(name, "done")
 
     def _line(self, name: str, what: str = "") -> None:
         st = self.state[name]

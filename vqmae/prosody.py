@@ -31,6 +31,19 @@ def _candidates() -> np.ndarray:
     return F0_MIN * 2.0 ** (np.arange(n) / 48.0)  # [C] Hz
 
 
+def shs_grid(n_bins: int, hz_per_bin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where subharmonic summation samples a spectrum of `n_bins` bins: the F0 candidates [C] (Hz),
+    and per candidate and harmonic [C, H] the lower bin, the fraction towards the next one and the
+    harmonic's weight (0 above `HARMONICS_HZ`)."""
+    cands = _candidates()
+    n_h = int(HARMONICS_HZ // F0_MIN)
+    harm = cands[:, None] * np.arange(1, n_h + 1)[None, :]  # [C, H] Hz
+    weight = np.where(harm <= HARMONICS_HZ, DECAY ** np.arange(n_h)[None, :], 0.0)
+    pos = np.clip(harm / hz_per_bin, 0, n_bins - 1.001)
+    lo = np.floor(pos).astype(np.int64)
+    return cands, lo, pos - lo, weight
+
+
 def frame_energy_db(power: np.ndarray) -> np.ndarray:
     """Frame energy in dB, power [N, F] → [N]."""
     return 10.0 * np.log10(np.asarray(power, np.float64).sum(1) + 1e-10)
@@ -40,15 +53,7 @@ def estimate_f0(power: np.ndarray, cfg: AudioConfig, chunk: int = 512) -> tuple[
     """Per-frame F0 in Hz and voicing strength (best / median candidate score) from power frames
     [N, F] (F = n_fft // 2 + 1 bins at `cfg.sample_rate`) → (f0 [N], strength [N])."""
     power = np.asarray(power, np.float64)
-    n_bins = power.shape[1]
-    hz_per_bin = cfg.sample_rate / cfg.n_fft
-    cands = _candidates()  # [C]
-    n_h = int(HARMONICS_HZ // F0_MIN)
-    harm = cands[:, None] * np.arange(1, n_h + 1)[None, :]  # [C, H] Hz
-    weight = np.where(harm <= HARMONICS_HZ, DECAY ** np.arange(n_h)[None, :], 0.0)  # [C, H]
-    pos = np.clip(harm / hz_per_bin, 0, n_bins - 1.001)
-    lo = np.floor(pos).astype(np.int64)
-    frac = pos - lo  # [C, H]
+    cands, lo, frac, weight = shs_grid(power.shape[1], cfg.sample_rate / cfg.n_fft)
     f0, strength = np.zeros(len(power)), np.zeros(len(power))
     for a in range(0, len(power), chunk):
         mag = np.sqrt(power[a:a + chunk])  # [n, F]

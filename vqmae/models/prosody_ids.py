@@ -22,12 +22,12 @@ depend on the frames encoded with it.
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import torch
 from torch import nn
 
-from vqmae.prosody import DECAY, F0_MAX, F0_MIN, HARMONICS_HZ, VOICING
+from vqmae.prosody import F0_MIN, VOICING, shs_grid
 
 N_IDS = 4  # ids per frame
 SIZES = (38, 32, 16, 16)  # vocabulary of each id
@@ -45,21 +45,13 @@ class ProsodyIds(nn.Module):
 
     def __init__(self, n_bins: int, sample_rate: int):
         super().__init__()
-        n_fft = 2 * (n_bins - 1)
-        hz_per_bin = sample_rate / n_fft
-        n_c = int(math.floor(48 * math.log2(F0_MAX / F0_MIN))) + 1
-        cands = F0_MIN * 2.0 ** (torch.arange(n_c, dtype=torch.float64) / 48.0)  # [C] Hz
-        n_h = int(HARMONICS_HZ // F0_MIN)
-        harm = cands[:, None] * torch.arange(1, n_h + 1, dtype=torch.float64)[None, :]  # [C, H]
-        weight = torch.where(harm <= HARMONICS_HZ, DECAY ** torch.arange(n_h, dtype=torch.float64)[None, :],
-                             torch.zeros(()))
-        pos = (harm / hz_per_bin).clamp(0, n_bins - 1.001)
-        lo = pos.floor()
-        self.register_buffer("cands", cands.float(), persistent=False)
-        self.register_buffer("lo", lo.long().reshape(-1), persistent=False)  # [C·H]
-        self.register_buffer("frac", (pos - lo).float(), persistent=False)  # [C, H]
-        self.register_buffer("weight", weight.float(), persistent=False)  # [C, H]
-        self.register_buffer("offsets", torch.tensor([0, *torch.tensor(SIZES).cumsum(0)[:-1].tolist()]),
+        hz_per_bin = sample_rate / (2 * (n_bins - 1))
+        cands, lo, frac, weight = shs_grid(n_bins, hz_per_bin)  # the numpy estimator's grid
+        self.register_buffer("cands", torch.from_numpy(cands).float(), persistent=False)  # [C]
+        self.register_buffer("lo", torch.from_numpy(lo).reshape(-1), persistent=False)  # [C·H]
+        self.register_buffer("frac", torch.from_numpy(frac).float(), persistent=False)  # [C, H]
+        self.register_buffer("weight", torch.from_numpy(weight).float(), persistent=False)  # [C, H]
+        self.register_buffer("offsets", torch.tensor(list(itertools.accumulate(SIZES[:-1], initial=0))),
                              persistent=False)
         self.split = int(round(TILT_SPLIT_HZ / hz_per_bin))
         self.top = int(round(TILT_TOP_HZ / hz_per_bin))

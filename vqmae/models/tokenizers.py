@@ -2,11 +2,12 @@
 
 Both follow one small contract, like audiocraft's compression models:
 
-- `encode(x) -> codes` int64 (audio `[B, 64 + 4]`: spectral codes then prosody ids, visual
-  `[B, 24, 24]`), never changes the model;
+- `encode(x) -> codes` int64 (audio `[B, 64]`, then 4 prosody ids with `audio_vq.prosody_ids`;
+  visual `[B, 24, 24]`), never changes the model;
 - `decode(codes) -> x_hat` (audio power `[B, 513]` > 0, visual pixels `[B, 3, 96, 96]`);
 - `forward(x) -> TokenizerOutput(recon, codes, loss, metrics)` for training;
-- properties `codebook_size`, `grid`, `frame_rate`, `n_tokens`.
+- properties `codebook_size`, `grid`, `frame_rate`, `n_tokens`, and `n_learned` (the leading ids
+  per frame that the quantizer chose; any after them are computed).
 
 The models hold no norm layers with batch statistics: training batches are shuffled frame pools
 while encoding runs clip by clip, and both must see the same function.
@@ -81,6 +82,10 @@ class _VQVAE(nn.Module):
     @property
     def n_tokens(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def n_learned(self) -> int:
+        return self.n_tokens
 
     def _output(self, recon: torch.Tensor, rec_loss: torch.Tensor,
                 q: QuantizedResult) -> TokenizerOutput:
@@ -169,6 +174,10 @@ class AudioVQVAE(_VQVAE):
         return (self.lengths[-1] + (PROSODY_IDS if self.prosody is not None else 0),)
 
     @property
+    def n_learned(self) -> int:
+        return self.lengths[-1]
+
+    @property
     def codebook_size(self) -> int:
         """The vocabulary of the codes: the spectral codebook, then the prosody ids' ranges."""
         return self.quantizer.codebook_size + (PROSODY_VOCAB if self.prosody is not None else 0)
@@ -197,7 +206,7 @@ class AudioVQVAE(_VQVAE):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes `[B, n_tokens]` → power `[B, n_bins]` (> 0), from the spectral codes."""
         self._check_codes(codes)
-        codes = codes[:, :self.lengths[-1]]
+        codes = codes[:, :self.n_learned]
         return torch.exp(self._log_power(self.quantizer.codes_to_vectors(codes)).float())
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:

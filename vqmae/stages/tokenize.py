@@ -195,9 +195,8 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
     """
     codes = encode_frames(model, modality, frames, device)
     recon = decode_codes(model, modality, codes, device)
-    spectral = model.quantizer.codebook_size  # usage of the learned codebook, not the prosody ids
-    counts = np.bincount(codes[:, :model.lengths[-1]].reshape(-1) if modality == "audio" else
-                         codes.reshape(-1), minlength=spectral)
+    # usage of the learned codebook (not of computed ids such as the audio's prosody ids)
+    counts = np.bincount(codes[:, :model.n_learned].reshape(-1), minlength=model.quantizer.codebook_size)
     extra: dict[str, float] = {}
     if modality == "audio":
         err = _is_div(frames, recon)
