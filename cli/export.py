@@ -1,4 +1,5 @@
-"""`vqmae export CLASSIFIER.pt --out DIR`: TorchScript files that run with plain PyTorch / libtorch."""
+"""`vqmae export CLASSIFIER.pt --out DIR`: TorchScript files that run with plain PyTorch / libtorch,
+and ONNX files for onnxruntime and other ONNX runtimes."""
 
 from __future__ import annotations
 
@@ -19,20 +20,26 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported files into.")],
     tokenizers: Annotated[Optional[Path], typer.Option(help="Directory with audio_vqvae.pt / visual_vqvae.pt, when the paths recorded in the classifier moved.")] = None,
     device: Annotated[str, typer.Option(help="Device the exported files will run on (the traced graph keeps it): cpu, cuda, ... or auto.")] = "cpu",
+    format: Annotated[str, typer.Option("--format", help="all (TorchScript, plus ONNX when the onnx extra is installed), torchscript, onnx, or torchscript,onnx.")] = "all",
     verbose: bool = False,
 ) -> None:
-    """Export a fine-tuned classifier and its tokenizer encoders to TorchScript, each checked
-    against the eager model. Exit code 2 if the checkpoint cannot be exported."""
+    """Export a fine-tuned classifier and its tokenizer encoders to TorchScript and ONNX, each file
+    checked against the eager model. Exit code 2 if the checkpoint cannot be exported."""
     setup_logging(verbose)
     from vqmae.stages.export import ExportError, export_model
     from vqmae.utils import resolve_device
 
     try:
-        result = export_model(classifier, out, tokenizers=tokenizers, device=resolve_device(device))
+        result = export_model(classifier, out, tokenizers=tokenizers, device=resolve_device(device),
+                              formats=format)
     except ExportError as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     _print(result)
+    from vqmae.stages.export_onnx import available
+
+    if format.strip() == "all" and (why := available()):
+        console.print(f"ONNX files skipped: {why}")
 
 
 def _print(result: ExportResult) -> None:
@@ -41,7 +48,8 @@ def _print(result: ExportResult) -> None:
     m = result.manifest
     table = Table(title=f"{m['task']['kind']}: {', '.join(m['task']['names'])} — exported to {result.out_dir}",
                   caption=f"torch {m['torch_version']}, device {m['device']}, "
-                          f"{m['window']['seconds']:g} s windows; load with torch.jit.load")
+                          f"{m['window']['seconds']:g} s windows; load .ts with torch.jit.load, "
+                          f".onnx with onnxruntime (export.json: run)")
     for col, justify in (("file", "left"), ("takes", "left"), ("returns", "left"),
                          ("bytes", "right"), ("max |Δ| vs eager", "right"), ("sha256", "left")):
         table.add_column(col, justify=justify)

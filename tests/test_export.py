@@ -60,9 +60,21 @@ out, calls_path = Path(sys.argv[1]), Path(sys.argv[2])
 meta = json.loads((out / "export.json").read_text())
 for name, info in meta["files"].items():
     assert hashlib.sha256((out / name).read_bytes()).hexdigest() == info["sha256"], name
-ts = {name: torch.jit.load(str(out / name)) for name in meta["files"]}
+ts = {name: torch.jit.load(str(out / name)) for name, info in meta["files"].items()
+      if info["format"] == "torchscript"}
 calls = torch.load(calls_path)
 results = {key: ts[name](*args) for key, (name, args) in calls["direct"].items()}
+# the same calls through the ONNX files in onnxruntime, inputs fed by the names export.json gives
+import onnxruntime
+
+for key, (name, args) in calls["direct"].items():
+    if key == "flat":  # the ONNX graph takes the grid shape only
+        continue
+    name = name.replace(".ts", ".onnx")
+    sess = onnxruntime.InferenceSession(str(out / name))
+    names = [x["name"] for x in meta["files"][name]["inputs"]]
+    feed = {n: a.numpy() for n, a in zip(names, args) if n in {i.name for i in sess.get_inputs()}}
+    results["onnx_" + key] = torch.from_numpy(sess.run(None, feed)[0])
 
 
 def clip_scores(wave, faces):
@@ -186,6 +198,9 @@ def test_exported_files_match_eager_models_without_vqmae(built, tmp_path):
     scrambled = (*audio_only[:2], torch.randint(0, 64, audio_only[2].shape), audio_only[3])
     assert (got["audio_only"] - _eager(p.model, scrambled)).abs().max() <= TOLERANCE
     assert torch.equal(got["flat"], got["mixed"])
+    for key in set(direct) - {"flat"}:  # onnxruntime on the .onnx files: the same outputs (codes: exactly)
+        assert got["onnx_" + key].shape == got[key].shape and got["onnx_" + key].dtype == got[key].dtype
+        assert (got["onnx_" + key].double() - got[key].double()).abs().max() <= (TOLERANCE if "codes" not in key else 0)
     for m, x in (("audio", power), ("visual", faces)):
         want = encode_frames(p.tokenizers[m].model, m, x.numpy(), "cpu")  # uint16 [N, K]
         codes = got[f"{m}_codes"]
@@ -217,7 +232,8 @@ def test_export_json_describes_every_file(built):
     out = result.out_dir
     doc = json.loads((out / "export.json").read_text())
     assert doc == result.manifest
-    assert list(result.files) == ["classifier.ts", "audio_encoder.ts", "visual_encoder.ts", "export.json"]
+    assert list(result.files) == ["classifier.ts", "classifier.onnx", "audio_encoder.ts", "audio_encoder.onnx",
+                                  "visual_encoder.ts", "visual_encoder.onnx", "export.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(result.files)
     ckpt = load_checkpoint(av, kind="classifier")
     assert doc["format"] == FORMAT and doc["torch_version"] == torch.__version__ and doc["device"] == "cpu"
@@ -247,6 +263,12 @@ def test_export_json_describes_every_file(built):
 
     assert io("audio_encoder.ts") == [("float32", ["N", 513]), ("int64", ["N", K_A])]
     assert io("visual_encoder.ts") == [("uint8", ["N", 32, 32, 3]), ("int64", ["N", *GRID_V])]
+    for name in ("classifier", "audio_encoder", "visual_encoder"):  # each ONNX file mirrors its .ts
+        assert files[f"{name}.ts"]["format"] == "torchscript" and files[f"{name}.onnx"]["format"] == "onnx"
+        assert io(f"{name}.onnx") == io(f"{name}.ts")
+        assert doc["check"]["max_abs_diff"][f"{name}.onnx"] <= (TOLERANCE if name == "classifier" else 0)
+    assert "flat" not in json.dumps(files["classifier.onnx"]["inputs"])
+    assert set(doc["run"]) == {"torchscript", "onnx"}
     check = doc["check"]
     assert check["trace_batch"] not in check["check_batches"]
     assert not {6, 4, 7} & {check["trace_batch"], *check["check_batches"]}  # the sizes tested above
@@ -263,8 +285,9 @@ def test_audio_only_classifier_replaces_an_av_export(built, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(result.out_dir, out)
     res = export_model(audio, out)
-    assert list(res.files) == ["classifier.ts", "audio_encoder.ts", "export.json"]
-    assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.ts", "classifier.ts", "export.json"]
+    assert list(res.files) == ["classifier.ts", "classifier.onnx", "audio_encoder.ts", "audio_encoder.onnx",
+                               "export.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(res.files)
     assert res.manifest["modalities"] == ["audio"] and list(res.manifest["features"]) == ["audio"]
     assert [x["name"] for x in res.manifest["files"]["classifier.ts"]["inputs"]] == ["audio", "audio_valid"]
     model = Predictor.load(audio).model
@@ -359,3 +382,46 @@ def test_cuda_export_matches_eager_on_cuda(built, tmp_path):
     ts = torch.jit.load(str(tmp_path / "gpu" / "classifier.ts"), map_location="cuda")
     got = ts(*x)
     assert got.device.type == "cuda" and (got - _eager(p.model, x)).abs().max() <= TOLERANCE
+
+
+def test_onnx_forms_of_sort_and_pooling_equal_the_eager_ones(monkeypatch):
+    """The two operations with an ONNX-only form give the eager results: the stable sort of whole
+    keys, and the clip pooling's sums for several clips (mean and attention)."""
+    from vqmae.models.classifier import _segment_pool_dense, segment_pool
+    from vqmae.models.masking import order_by_key
+
+    gen = torch.Generator().manual_seed(0)
+    key = torch.randint(0, 3, (4, 30), generator=gen).float()
+    stable = order_by_key(key)
+    x, score = torch.randn(11, 6, generator=gen), torch.randn(11, generator=gen)
+    seg = torch.tensor([0, 0, 1, 2, 2, 2, 0, 4, 4, 1, 2])
+    ok = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool)  # clip 4: nothing valid
+    eager = [segment_pool(x, ok, s, seg, 5) for s in (None, score)]
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.equal(order_by_key(key), stable)
+    for s, (out, present) in zip((None, score), eager):
+        dense, dense_present = segment_pool(x, ok, s, seg, 5)
+        torch.testing.assert_close(dense, out)
+        assert torch.equal(dense_present, present) and present.tolist() == [True, True, True, False, False]
+    assert torch.equal(_segment_pool_dense(x, ok.float(), None, seg, 5)[1], eager[0][1])
+
+
+def test_formats_torchscript_only_and_refusals(built, tmp_path, monkeypatch):
+    """`formats` picks the files; a re-export in one format removes the other's old files; unknown
+    names and ONNX without its packages are refused before anything is written."""
+    _, av, _, _, result = built
+    out = tmp_path / "out"
+    shutil.copytree(result.out_dir, out)
+    res = export_model(av, out, formats="torchscript")
+    assert sorted(p.name for p in out.iterdir()) == sorted(res.files) == \
+        ["audio_encoder.ts", "classifier.ts", "export.json", "visual_encoder.ts"]
+    with pytest.raises(ExportError, match=r"unknown export format \['tflite'\]"):
+        export_model(av, tmp_path / "a", formats="torchscript,tflite")
+    from vqmae.stages import export_onnx
+
+    monkeypatch.setattr(export_onnx, "available", lambda: "the onnx package is not installed (x)")
+    with pytest.raises(ExportError, match="cannot export ONNX: the onnx package is not installed"):
+        export_model(av, tmp_path / "b", formats="onnx")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    res = export_model(av, tmp_path / "c")  # `all` without the packages: TorchScript alone
+    assert [n for n in res.files if n.endswith(".onnx")] == []

@@ -2,7 +2,6 @@
 resume, and refusal of tokenizers that changed after the store was made."""
 
 import csv
-import json
 import shutil
 
 import cv2
@@ -130,7 +129,7 @@ def test_load_clip_adds_noise_before_peak_normalisation(media_dir):
 
 
 def test_silent_clip_fails_naming_the_file(media_dir):
-    path = write_wav(media_dir / "quiet.wav", np.zeros(8000, np.float32))
+    write_wav(media_dir / "quiet.wav", np.zeros(8000, np.float32))
     with pytest.raises(ClipError, match="quiet.wav: audio: .*silent"):
         load_clip(scan(media_dir).clips[0], CFG, ("audio",), noise=NoiseSpec(0.0))
 

@@ -1,7 +1,6 @@
 """Stage 1 end to end on a small corpus of real files: train, evaluate, encode, resume, refuse."""
 
 import csv
-import os
 import signal
 import subprocess
 import sys

@@ -109,6 +109,8 @@ def segment_pool(x: torch.Tensor, ok: torch.Tensor, score: torch.Tensor | None, 
     a softmax of `score` `[n]` within each segment (None: a plain mean) → `[n_seg, D]`, and which
     segments had any `ok` row `[n_seg]` (their output is 0 otherwise). Memory is linear in n."""
     okf = ok.to(x.dtype)
+    if torch.onnx.is_in_onnx_export():
+        return _segment_pool_dense(x, okf, score, seg, n_seg)
     if score is None:
         e = okf
     else:
@@ -121,6 +123,22 @@ def segment_pool(x: torch.Tensor, ok: torch.Tensor, score: torch.Tensor | None, 
     out = torch.zeros(n_seg, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, seg, x * w[:, None])
     count = torch.zeros(n_seg, dtype=torch.int64, device=x.device).index_add(0, seg, ok.long())
     return out, count > 0
+
+
+def _segment_pool_dense(x: torch.Tensor, okf: torch.Tensor, score: torch.Tensor | None,
+                        seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_pool` through a `[n_seg, n]` membership matrix, for ONNX graphs: their scatter
+    overwrites instead of adding, so the sums are matrix products here."""
+    member = (seg[None, :] == torch.arange(n_seg, device=x.device)[:, None]) & (okf > 0)[None, :]
+    if score is None:
+        e = member.to(x.dtype)
+    else:
+        s = score.float()[None, :].masked_fill(~member, float("-inf"))  # [n_seg, n]
+        top = s.amax(1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(s - top).masked_fill(~member, 0.0).to(x.dtype)
+    w = e / e.sum(1, keepdim=True).clamp_min(1e-12)
+    return w @ x, member.any(1)
 
 
 class ClipPool(nn.Module):

@@ -39,7 +39,7 @@ from torch import nn
 from vqmae.config import MAEConfig, mae_modalities
 from vqmae.models.heads import IGNORE, Head, masked_ce
 from vqmae.models.layout import MODALITIES, MAEDims, patch_layout, sincos_positions
-from vqmae.models.masking import Masking, masking_from, sample_masking
+from vqmae.models.masking import Masking, masking_from, order_by_key, sample_masking
 from vqmae.models.transformer import Block, CrossEncoder
 
 # InfoNCE temperature of the optional contrastive term (CLIP's initial value is 0.07; pooled
@@ -249,7 +249,7 @@ class MAEModel(nn.Module):
         seq = torch.cat([x[m] for m in self.names], 1)  # [B, N_total, D]
         key = torch.cat([masking.key[m] for m in self.names], 1)  # [B, N_total]
         n_vis = sum(masking.n_visible[m] for m in self.names)  # [B]
-        ids_shuffle = torch.argsort(key, dim=1, stable=True)
+        ids_shuffle = order_by_key(key)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         enc = _restore(self._run_encoder(_gather(seq, ids_shuffle, n_vis)), ids_restore)
         return dict(zip(self.names, enc.split([self.layouts[m].n_patches for m in self.names], 1)))
@@ -432,11 +432,11 @@ def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor
     k = int(n_visible.max()) if n_visible.numel() else 0
     idx = ids_shuffle[:, :k]
     seq = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    valid = torch.arange(k, device=x.device) < n_visible[:, None]
-    if k:
-        # A sample with nothing visible (possible only with a caller's mask) attends to one
-        # dummy key instead of an empty softmax (NaN); its outputs are discarded afterwards.
-        valid[:, 0] |= n_visible == 0
+    pos = torch.arange(k, device=x.device)
+    # A sample with nothing visible (possible only with a caller's mask) attends to one dummy key
+    # instead of an empty softmax (NaN); its outputs are discarded afterwards. (No in-place
+    # update: ONNX has none.)
+    valid = (pos < n_visible[:, None]) | ((pos == 0) & (n_visible == 0)[:, None])
     return seq, valid
 
 

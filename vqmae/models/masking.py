@@ -52,10 +52,20 @@ def _build_masking(mask: dict[str, torch.Tensor], padding: dict[str, torch.Tenso
     for m in mask:
         group = torch.where(padding[m], _PADDING, torch.where(mask[m], _MASKED, _VISIBLE))
         key[m] = group + noise[m]
-        shuffle[m] = torch.argsort(key[m], dim=1, stable=True)
+        shuffle[m] = order_by_key(key[m])
         restore[m] = torch.argsort(shuffle[m], dim=1)
         n_vis[m] = (~(mask[m] | padding[m])).sum(1)
     return Masking(mask, padding, shuffle, restore, n_vis, key)
+
+
+def order_by_key(key: torch.Tensor) -> torch.Tensor:
+    """`argsort(key, dim=1, stable=True)`. ONNX has no stable sort, so while exporting, ties are
+    broken by position explicitly: ``key * N + index`` orders the same as the stable sort when keys
+    are whole numbers, which they are in every exported graph (`masking_from`: no noise)."""
+    if torch.onnx.is_in_onnx_export():
+        n = key.shape[1]
+        return torch.argsort(key * n + torch.arange(n, device=key.device, dtype=key.dtype), dim=1)
+    return torch.argsort(key, dim=1, stable=True)
 
 
 def masking_from(mask: Mapping[str, torch.Tensor], padding: Mapping[str, torch.Tensor]) -> Masking:

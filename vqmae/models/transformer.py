@@ -75,8 +75,8 @@ class CrossBlock(nn.Module):
         has_keys = key_valid.any(1)  # [B]
         # A sample without context keys (its other modality fully masked) attends to a dummy key
         # (no NaN from an empty softmax) and its update is then dropped.
-        safe = key_valid.clone()
-        safe[:, 0] |= ~has_keys
+        first = torch.arange(key_valid.shape[1], device=key_valid.device) == 0
+        safe = key_valid | (first & ~has_keys[:, None])
         update = self.attn(self.norm_q(x), self.norm_kv(context), safe)
         return x + update * has_keys[:, None, None].to(update.dtype)
 

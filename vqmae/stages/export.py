@@ -1,8 +1,11 @@
-"""TorchScript export of a stage-3 classifier and the tokenizer encoders it needs (`vqmae export`).
+"""TorchScript and ONNX export of a stage-3 classifier and the tokenizer encoders it needs
+(`vqmae export`).
 
     export_model(classifier.pt, out_dir) → out_dir/classifier.ts        codes → outputs
                                            out_dir/audio_encoder.ts     power frames → audio codes
                                            out_dir/visual_encoder.ts    face crops → visual codes
+                                           out_dir/*.onnx               the same three, for ONNX
+                                                                        runtimes (`export_onnx`)
                                            out_dir/export.json          inputs, shapes, settings, sha256s
 
 The model and tokenizers are rebuilt exactly as `vqmae predict` rebuilds them (`Predictor.load`: the
@@ -51,6 +54,7 @@ from vqmae.checkpoint import checkpoint_sha256
 from vqmae.models.classifier import EmotionModel
 from vqmae.stages.predict import PredictError, Predictor
 from vqmae.models.tokenizers import faces_to_tensor
+from vqmae.stages import export_onnx
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ FORMAT = "vqmae-export/1"
 MANIFEST = "export.json"
 CLASSIFIER_FILE = "classifier.ts"
 ENCODER_FILES = {"audio": "audio_encoder.ts", "visual": "visual_encoder.ts"}
+FORMATS = ("torchscript", "onnx")
+SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}
 # Largest |exported − eager| accepted on the classifier's outputs (the issue's acceptance bound).
 TOLERANCE = 1e-4
 # Windows (and frames) per traced example; checks use other sizes so a frozen batch size shows.
@@ -211,18 +217,45 @@ class _Target:
     checks: Callable[[torch.Generator], list[tuple[torch.Tensor, ...]]]
     reference: Callable[..., torch.Tensor]
     exact: bool
+    input_names: tuple[str, ...] = ()  # the ONNX graph's input names, in order
+    output_name: str = "outputs"
+    batch_output: bool = False  # the output's first dimension follows the inputs' (the encoders)
+
+
+def onnx_name(name: str) -> str:
+    """The ONNX file beside a TorchScript one: classifier.ts → classifier.onnx."""
+    return name.removesuffix(SUFFIX["torchscript"]) + SUFFIX["onnx"]
+
+
+def resolve_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """``all`` (TorchScript, plus ONNX where its packages are installed), or a comma-separated
+    subset of `FORMATS`. Raises ExportError for an unknown name, or ONNX asked for without its
+    packages."""
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    if names == ["all"]:
+        return FORMATS if export_onnx.available() is None else ("torchscript",)
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or not names:
+        raise ExportError(f"unknown export format {unknown or names}; expected all or a comma-separated "
+                          f"subset of {', '.join(FORMATS)}")
+    if "onnx" in names and (why := export_onnx.available()):
+        raise ExportError(f"cannot export ONNX: {why}")
+    return tuple(f for f in FORMATS if f in names)
 
 
 def export_model(classifier_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 tokenizers: str | os.PathLike | None = None, device: str = "cpu") -> ExportResult:
+                 tokenizers: str | os.PathLike | None = None, device: str = "cpu",
+                 formats: str | Sequence[str] = "all") -> ExportResult:
     """Export the classifier at `classifier_path` and its tokenizers' encoders into `out_dir`.
 
     `tokenizers`: a directory holding audio_vqvae.pt / visual_vqvae.pt when the paths recorded at
     training moved (each is sha-checked against the classifier, as `vqmae predict` does). `device`:
-    where the traced files will run (see the module docstring). Writes `classifier.ts`, one
-    `<modality>_encoder.ts` per modality the model takes, then `export.json`, each atomically.
-    Raises ExportError naming the file and the reason.
+    where the traced files will run (see the module docstring); ONNX files are checked on the CPU
+    (onnxruntime). `formats`: see `resolve_formats`. Writes `classifier.ts`, one
+    `<modality>_encoder.ts` per modality the model takes, the same as `.onnx`, then `export.json`,
+    each atomically. Raises ExportError naming the file and the reason.
     """
+    formats = resolve_formats(formats)
     path = Path(classifier_path)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -234,12 +267,20 @@ def export_model(classifier_path: str | os.PathLike, out_dir: str | os.PathLike,
     gen = torch.Generator().manual_seed(0)
     blobs, diffs = {}, {}
     for name, target in _targets(pred).items():
-        blobs[name] = _trace(target.module, target.example, name)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
-            loaded = torch.jit.load(io.BytesIO(blobs[name]), map_location=device)
-        diffs[name] = max(_difference(name, target, loaded, x)
-                          for x in (target.example, *target.checks(gen)))
+        if "torchscript" in formats:
+            blobs[name] = _trace(target.module, target.example, name)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+                loaded = torch.jit.load(io.BytesIO(blobs[name]), map_location=device)
+            diffs[name] = max(_difference(name, target, loaded, x)
+                              for x in (target.example, *target.checks(gen)))
+        if "onnx" in formats:
+            name = onnx_name(name)
+            blobs[name], sess = _onnx(target, name)
+            run = lambda *x, sess=sess, t=target: export_onnx.run(  # noqa: E731
+                sess, dict(zip(t.input_names, x)), device)
+            diffs[name] = max(_difference(name, target, run, x)
+                              for x in (target.example, *target.checks(gen)))
         log.info("%s: %d bytes, max |exported - eager| = %.3g", name, len(blobs[name]), diffs[name])
     try:
         files = _write_files(out, blobs)
@@ -259,7 +300,8 @@ def _targets(pred: Predictor) -> dict[str, _Target]:
         lambda g: [classifier_inputs(model, CHECK_BATCH, g, device, check_lengths(model)),
                    classifier_inputs(model, 1, g, device, check_lengths(model, 1))],
         lambda *x: model(_batch_dict(model.names, x), clip=one_clip(x[0]), n_clips=1),
-        exact=False)}
+        exact=False, input_names=tuple(io["name"] for io in _classifier_io(model)),
+        output_name="outputs", batch_output=False)}
     for m in pred.modalities:
         tok = pred.tokenizers[m].model
         if m == "audio":
@@ -270,7 +312,8 @@ def _targets(pred: Predictor) -> dict[str, _Target]:
         out[ENCODER_FILES[m]] = _Target(
             module.to(device), (encoder_input(m, tok, TRACE_BATCH, gen, device),),
             lambda g, m=m, tok=tok: [(encoder_input(m, tok, n, g, device),) for n in (CHECK_BATCH, 1)],
-            reference, exact=True)
+            reference, exact=True, input_names=(_encoder_input(m, tok)["name"],),
+            output_name="codes", batch_output=True)
     return out
 
 
@@ -299,8 +342,18 @@ def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], name: str) -> b
     return buf.getvalue()
 
 
+def _onnx(target: _Target, name: str) -> tuple[bytes, object]:
+    """ONNX bytes of a target and an onnxruntime session on them; ExportError on failure."""
+    try:
+        data = export_onnx.onnx_bytes(target.module, target.example, target.input_names,
+                                      target.output_name, target.batch_output)
+        return data, export_onnx.session(data)
+    except Exception as e:  # noqa: BLE001 - any exporter or runtime failure is this file failing
+        raise ExportError(f"{name}: ONNX export failed: {type(e).__name__}: {e}") from e
+
+
 @torch.no_grad()
-def _difference(name: str, target: _Target, exported: torch.jit.ScriptModule,
+def _difference(name: str, target: _Target, exported: Callable[..., torch.Tensor],
                 x: tuple[torch.Tensor, ...]) -> float:
     """max |exported(x) − eager(x)|; raises ExportError past the target's limit."""
     want = target.reference(*x)
@@ -324,10 +377,11 @@ def _write_files(out: Path, blobs: Mapping[str, bytes]) -> dict[str, Path]:
     # The manifest goes first and comes back last: a re-export interrupted half-way leaves files
     # without a manifest, never a manifest describing another model's files.
     (out / MANIFEST).unlink(missing_ok=True)
-    for name in ENCODER_FILES.values():
-        if name not in blobs and (out / name).exists():
-            log.info("%s: removing %s left by an earlier export", out, name)
-            (out / name).unlink()
+    for ts in (CLASSIFIER_FILE, *ENCODER_FILES.values()):
+        for name in (ts, onnx_name(ts)):  # another model's modality, or a format not asked now
+            if name not in blobs and (out / name).exists():
+                log.info("%s: removing %s left by an earlier export", out, name)
+                (out / name).unlink()
     for name, data in blobs.items():
         atomic_write_bytes(out / name, data)
     return {name: out / name for name in blobs}
@@ -342,17 +396,23 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
     """The content of `export.json`: what each file takes and returns, how to make its inputs,
     and where everything came from."""
     model = pred.model
-    files = {CLASSIFIER_FILE: {"role": "classifier", "inputs": _classifier_io(model),
+    base = {CLASSIFIER_FILE: {"role": "classifier", "inputs": _classifier_io(model),
                                "outputs": [_io("outputs", "float32", [1, len(pred.names)],
                                                f"the clip's outputs ({pred.task.activation} "
                                                f"of these gives the scores)")]}}
     for m in pred.modalities:
         tok = pred.tokenizers[m].model
-        files[ENCODER_FILES[m]] = {"role": f"{m}_encoder", "inputs": [_encoder_input(m, tok)],
+        base[ENCODER_FILES[m]] = {"role": f"{m}_encoder", "inputs": [_encoder_input(m, tok)],
                                    "outputs": [_io("codes", "int64", ["N", *tok.grid],
                                                    f"ids in [0, {tok.codebook_size})")]}
+    files = {}
     for name, data in blobs.items():
-        files[name].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        fmt = "onnx" if name.endswith(SUFFIX["onnx"]) else "torchscript"
+        src = name if fmt == "torchscript" else name.removesuffix(SUFFIX["onnx"]) + SUFFIX["torchscript"]
+        entry = base[src] if name != onnx_name(CLASSIFIER_FILE) else \
+            {**base[src], "inputs": _classifier_io(model, flat=False)}
+        files[name] = {**entry, "format": fmt, "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data)}
     return {
         "format": FORMAT, "vqmae_version": __version__, "torch_version": torch.__version__,
         "device": device,
@@ -369,6 +429,10 @@ def build_manifest(pred: Predictor, source: Path, blobs: Mapping[str, bytes],
         "window": _window(pred),
         "features": _features(pred),
         "files": files,
+        "run": {"torchscript": "torch.jit.load(path, map_location=device)(*inputs), inputs in the "
+                               "listed order",
+                "onnx": "onnxruntime.InferenceSession(path).run(None, {name: array}) with the listed "
+                        "input names; returns [outputs] (opset %d)" % export_onnx.OPSET},
         "check": {"tolerance": TOLERANCE, "codes": "equal", "trace_batch": TRACE_BATCH,
                   "check_batches": [CHECK_BATCH, 1], "max_abs_diff": dict(diffs)},
     }
@@ -378,14 +442,15 @@ def _io(name: str, dtype: str, shape: Sequence[int | str], doc: str) -> dict[str
     return {"name": name, "dtype": dtype, "shape": list(shape), "doc": doc}
 
 
-def _classifier_io(model: EmotionModel) -> list[dict[str, Any]]:
-    """Positional inputs of classifier.ts, in order."""
+def _classifier_io(model: EmotionModel, flat: bool = True) -> list[dict[str, Any]]:
+    """Positional inputs of classifier.ts, in order (`flat`: it also takes flat frames; the ONNX
+    graph does not)."""
     out = []
     for m in model.names:
         d = model.backbone.dims.get(m)
         out += [_io(m, "int64", ["B", d.frames, *d.grid],
-                    f"{m} codes of the B windows of one clip, ids in [0, {d.codebook_size}); flat "
-                    f"[B, {d.frames}, {math.prod(d.grid)}] rows also accepted"),
+                    f"{m} codes of the B windows of one clip, ids in [0, {d.codebook_size})"
+                    + (f"; flat [B, {d.frames}, {math.prod(d.grid)}] rows also accepted" if flat else "")),
                 _io(f"{m}_valid", "bool", ["B", d.frames],
                     "True on real frames, False on padding after a clip's end; all False = the "
                     f"{m} modality is absent for that window")]
