@@ -1,11 +1,13 @@
 # Common flows. Variables: PY (python that creates the venv), VENV, DATA (corpus), RUN (run dir),
-# DEVICE (auto, cpu, cuda, cuda:1 ...), PRESET (tiny or paper).
+# DEVICE (auto, cpu, cuda, cuda:1 ...), PRESET (tiny or paper). The demos keep their data inside
+# their run directory (DEMO = RUN/data), so runs in other clones or with another RUN never collide
+# and nothing outside RUN is deleted.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO ?= /tmp/vqmae-demo
-DATA ?= $(DEMO)/corpus
 RUN ?= runs/demo
+DEMO ?= $(RUN)/data
+DATA ?= $(DEMO)/corpus
 DEVICE ?= auto
 PRESET ?= tiny
 FACE ?= haar
@@ -33,7 +35,9 @@ test-slow:  ## the long tests excluded from `make test`
 synth:
 	$(BIN)/vqmae synth $(DATA) --preset $(PRESET) --force
 
-SPEECH ?= $(DEMO)/speech
+SPEECH_RUN ?= runs/speech
+SPEECH_DATA ?= $(SPEECH_RUN)/data
+SPEECH ?= $(SPEECH_DATA)/speech
 SPEECH_PACKAGES := festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
 
 speech-deps:  ## what the speech corpus needs: festival and three voices (Debian packages), praat-parselmouth
@@ -44,20 +48,20 @@ speech-deps:  ## what the speech corpus needs: festival and three voices (Debian
 speech-corpus: speech-deps  ## the second evaluation corpus (festival voices acting emotion through prosody, noisy twins at 10 / 0 dB) into SPEECH
 	$(BIN)/vqmae synth $(SPEECH) --kind speech --workers $(WORKERS) --force
 
-SPEECH_STORE ?= $(DEMO)/speech.zarr
-SPEECH_RUN ?= runs/speech
+SPEECH_STORE ?= $(SPEECH_DATA)/speech.zarr
 
 speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines) → the fold models scored on the noisy twins
-	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_RUN) $(DEMO)/speech_snr*.zarr $(DEMO)/speech_snr*.zarr.parts
+	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_DATA)/speech_snr*.zarr $(SPEECH_DATA)/speech_snr*.zarr.parts \
+		$(SPEECH_RUN)/tokenize $(SPEECH_RUN)/tokenize_snr* $(SPEECH_RUN)/pretrain $(SPEECH_RUN)/finetune
 	$(BIN)/vqmae tokenize $(SPEECH) --out $(SPEECH_STORE) --preset $(PRESET) --workers $(WORKERS) \
 		--device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize
 	$(BIN)/vqmae pretrain $(SPEECH_STORE) --preset $(PRESET) --device $(DEVICE) --run-dir $(SPEECH_RUN)/pretrain
 	$(BIN)/vqmae finetune $(SPEECH_STORE) --mae $(SPEECH_RUN)/pretrain/mae.pt --preset $(PRESET) --device $(DEVICE) \
 		--folds 5 --label-fraction 0.1,1 --run $(SPEECH_RUN)/finetune
 	for snr in 10 0; do \
-		$(BIN)/vqmae tokenize $(SPEECH)_snr$$snr --out $(DEMO)/speech_snr$$snr.zarr --tokenizers $(SPEECH_RUN)/tokenize/tokenizers \
+		$(BIN)/vqmae tokenize $(SPEECH)_snr$$snr --out $(SPEECH_DATA)/speech_snr$$snr.zarr --tokenizers $(SPEECH_RUN)/tokenize/tokenizers \
 			--preset $(PRESET) --workers $(WORKERS) --device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize_snr$$snr && \
-		$(BIN)/vqmae evaluate $(SPEECH_RUN)/finetune $(DEMO)/speech_snr$$snr.zarr --device $(DEVICE) || exit 1; \
+		$(BIN)/vqmae evaluate $(SPEECH_RUN)/finetune $(SPEECH_DATA)/speech_snr$$snr.zarr --device $(DEVICE) || exit 1; \
 	done
 
 ingest:  ## decode + crop every clip, list failures (a dry run of tokenize's decoding)

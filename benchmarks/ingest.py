@@ -1,6 +1,6 @@
 """Ingest throughput: decode only (the baseline) vs decode + each face mode, in one run.
 
-    python benchmarks/ingest.py --data /tmp/vqmae-demo/corpus [--clips 64] [--modes decode,none,haar,fan]
+    python benchmarks/ingest.py --data runs/demo/data/corpus [--clips 64] [--modes decode,none,haar,fan]
 
 Each mode runs in its own subprocess (one decoding process, so numbers are per core) and reports
 video frames/s and that process's peak RSS. `fan` needs face-alignment's landmark weights; offline
@@ -74,7 +74,7 @@ def fake_fan_home() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/tmp/vqmae-demo/corpus")
+    ap.add_argument("--data", default="runs/demo/data/corpus")
     ap.add_argument("--clips", type=int, default=48)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--fan-clips", type=int, default=3, help="clips for the fan mode (≈0.4 s/frame on CPU)")

@@ -1,6 +1,6 @@
 """Stage-1 throughput: VQ-VAE encoding alone vs the whole tokenize path, in one run.
 
-    python benchmarks/tokenize.py --data /tmp/vqmae-demo/corpus [--clips 32] [--device cpu|cuda]
+    python benchmarks/tokenize.py --data runs/demo/data/corpus [--clips 32] [--device cpu|cuda]
                                   [--preset paper] [--face haar]
 
 Rows (video frames/s; audio frames are 2 per video frame):
@@ -38,7 +38,7 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/tmp/vqmae-demo/corpus")
+    ap.add_argument("--data", default="runs/demo/data/corpus")
     ap.add_argument("--clips", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="paper")

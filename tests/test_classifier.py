@@ -23,7 +23,7 @@ def batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
             "visual_valid": torch.ones(b, 10, dtype=torch.bool)}
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats", "position"])
 def test_shapes_and_pretrained_encoder_loads(pooling):
     torch.manual_seed(0)
     mae = MAEModel(CFG, DIMS).eval()
@@ -34,6 +34,28 @@ def test_shapes_and_pretrained_encoder_loads(pooling):
     ref, got = mae.encode(x), model.backbone.encode(x)
     for m in ("audio", "visual"):
         torch.testing.assert_close(got.features[m], ref.features[m])
+
+
+def test_position_pooling_keeps_each_spatial_position():
+    """``position``: per modality, the mean over time at each spatial patch position over visible
+    patches, concatenated and zero-padded to the widest modality (`pool_dim`)."""
+    torch.manual_seed(0)
+    model = EmotionModel(CFG, DIMS, 4, "position").eval()
+    lay = {m: model.backbone.layouts[m] for m in ("audio", "visual")}
+    n_pos = {m: lay[m].n_patches // lay[m].n_time for m in lay}
+    assert model.pool_dim == 32 * max(n_pos.values()) and model.out.in_features == 2 * model.pool_dim
+    x = batch()
+    x["audio_valid"][0, 10:] = False  # a padded tail: those patches do not count
+    enc = model.backbone.encode(x)
+    pooled, present = model.pooled(x)
+    assert present.all()
+    for i, m in enumerate(("audio", "visual")):
+        f = enc.features[m].view(3, lay[m].n_time, n_pos[m], 32)
+        vis = enc.visible[m].view(3, lay[m].n_time, n_pos[m], 1).float()
+        want = ((f * vis).sum(1) / vis.sum(1)).flatten(1)
+        torch.testing.assert_close(pooled[:, i, :want.shape[1]], want)
+        assert (pooled[:, i, want.shape[1]:] == 0).all()
+    assert enc.visible["audio"][0].sum() < enc.visible["audio"][1].sum()
 
 
 def test_encoder_mismatch_names_the_keys():
@@ -48,7 +70,7 @@ def test_decoder_side_is_removed():
                                  "backbone.dec_")) for n in names)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "cls", "stats", "position"])
 def test_absent_modality_ignores_its_codes_and_gets_no_gradient(pooling):
     torch.manual_seed(0)
     model = EmotionModel(CFG, DIMS, 4, pooling).eval()

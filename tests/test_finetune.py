@@ -337,7 +337,8 @@ def test_linear_probe_and_fitted_head_init(trained, tmp_path):
     unit = r.units[0]
     assert unit.epochs == 0 and unit.checkpoint
     ckpt = torch.load(unit.checkpoint, weights_only=True)
-    assert ckpt["config"]["finetune"]["pooling"] == "mean" and ckpt["config"]["finetune"]["head_norm"] == "none"
+    # parameter-free pooling: per position as the configured `position`, else a plain mean
+    assert ckpt["config"]["finetune"]["pooling"] == "position" and ckpt["config"]["finetune"]["head_norm"] == "none"
     encoder = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     mae = torch.load(tmp / "pre" / "mae.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, mae[k.removeprefix("backbone.")]) for k, v in encoder.items())  # frozen

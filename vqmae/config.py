@@ -177,7 +177,7 @@ class FinetuneConfig:
 
     task: str = "classify"  # a kind in vqmae.tasks.TASKS: classify, multilabel, regress
     targets: tuple[str, ...] = ("valence", "arousal", "dominance")  # regress: table columns
-    pooling: Literal["attention", "mean", "cls", "stats"] = "attention"  # per modality and window
+    pooling: Literal["attention", "mean", "cls", "stats", "position"] = "position"  # per modality, window
     # A clip's window vectors pooled into one before the head ("attention": a learned query over
     # the windows; "mean"); training samples are crops of at most clip_windows windows.
     clip_pooling: Literal["attention", "mean"] = "attention"
@@ -350,17 +350,16 @@ def _tiny() -> Config:
                                dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
-        # fixed 50% masking, sin-cos positions (README, stage 2); the paper's 2 s windows
+        # fixed 50% masking, sin-cos positions (README, stage 2); the paper's 2 s windows; a 150-step
+        # warm-up (40 let some seeds settle on the unigram: docs/model-quality.md)
         mae=MAEConfig(width=64, heads=2, encoder_depth=2, decoder_depth=1, head_dim=16,
                       window_seconds=2.0, masking="fixed"),
-        pretrain=PretrainConfig(steps=500, batch_size=16, base_lr=0.128, warmup_steps=40,
+        pretrain=PretrainConfig(steps=500, batch_size=16, base_lr=0.128, warmup_steps=150,
                                 val_fraction=0.1, val_every=100, ckpt_every=100, log_every=10,
                                 recon_every=250, workers=0),
-        # The demo corpus (measured 2026-11-24, README "Fine-tuning on the tiny demo store"): with
-        # 4 speakers (2 training speakers per fold) nothing learned transferred to a new speaker
-        # (AV UAR 0.20-0.34 whatever the model); 12 speakers × 8 clips acted at strong intensity
-        # (expressiveness 3) with speaker normalisation reach AV UAR 0.66 ± 0.14 from scratch,
-        # 0.59 at expressiveness 2 and 0.44 at 1 (the paper preset's profiles as written).
+        # The demo corpus: 12 speakers × 8 clips acted at strong intensity (expressiveness 3); with
+        # 4 speakers, or the written profiles, nothing transferred to a new speaker
+        # (docs/model-quality.md, "Earlier history").
         finetune=FinetuneConfig(folds=4, epochs=12, batch_size=16, lr=1e-3, head_lr=3e-3,
                                 eval_batch=128),
         synth=SynthConfig(n_speakers=12, clips_per_speaker=8, audio_only_per_speaker=2,

@@ -16,7 +16,13 @@ visible patches into one `[B, width]` vector:
   (class attention, as in CaiT);
 * ``stats``: attentive statistics pooling (Okabe et al., 2018): the attention-weighted mean and
   standard deviation of the patches, concatenated and projected back to the width — the spread of
-  a feature over the window (a pitch or loudness range) next to its level.
+  a feature over the window (a pitch or loudness range) next to its level;
+* ``position``: the mean over time at each spatial patch position (audio: each band of the
+  spectrum; face: each region of the crop), concatenated: ``positions × width`` features. Where in
+  the spectrum or the face something happens stays readable by a linear head, as in the
+  per-position bag-of-tokens baseline; pooling over every patch keeps ``width`` numbers for all of
+  it. The modalities' vectors are zero-padded to the widest one, so every modality has
+  ``model.pool_dim`` features.
 
 Clips: a clip longer than one window is several windows, each encoded on its own; each modality's
 window vectors are then pooled into one clip vector by a learned *clip pooling* (``attention``: a
@@ -43,6 +49,7 @@ training speakers' means, stored with the weights.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -55,7 +62,7 @@ from vqmae.models.transformer import Block
 
 # Parameters of a pretrained MAE that fine-tuning does not use (prefixes of state-dict keys).
 DECODER_KEYS = ("decoder.", "decoder_norm.", "head.", "dec_pos.", "dec_modality.", "mask_token", "prior.")
-POOLINGS = ("attention", "mean", "cls", "stats")
+POOLINGS = ("attention", "mean", "cls", "stats", "position")
 CLIP_POOLINGS = ("attention", "mean")
 # Where the head's LayerNorm sits: "centered" normalises the speaker-centered concatenation (a clip
 # close to its speaker's mean — a neutral one — is scaled up to unit variance like any other);
@@ -67,11 +74,13 @@ HEAD_NORMS = ("centered", "pooled", "none")  # "none": the linear layer alone (a
 class Pool(nn.Module):
     """Encoder features `[B, N, D]` + visible `[B, N]` bool → pooled `[B, D]`, present `[B]` bool."""
 
-    def __init__(self, width: int, kind: str, heads: int):
+    def __init__(self, width: int, kind: str, heads: int, positions: int = 1, out_dim: int | None = None):
         super().__init__()
         if kind not in POOLINGS:
             raise ValueError(f"pooling {kind!r}: expected one of {list(POOLINGS)}")
         self.kind = kind
+        self.positions = positions  # spatial patch positions per time step (``position``)
+        self.pad = (out_dim or width) - (positions * width if kind == "position" else width)
         if kind in ("attention", "stats"):
             self.norm = nn.LayerNorm(width)
             self.query = nn.Parameter(torch.zeros(width))
@@ -84,7 +93,16 @@ class Pool(nn.Module):
             self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, present = self._pool(x, visible)
+        return (nn.functional.pad(out, (0, self.pad)) if self.pad else out), present
+
+    def _pool(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         present = visible.any(1)  # [B]
+        if self.kind == "position":  # patches are time-major: [B, n_time · positions, D]
+            b, n, d = x.shape
+            w = visible.to(x.dtype).view(b, n // self.positions, self.positions, 1)
+            x = x.view(b, n // self.positions, self.positions, d)
+            return ((x * w).sum(1) / w.sum(1).clamp_min(1.0)).flatten(1), present
         if self.kind == "mean":
             w = visible.to(x.dtype)
             return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0), present
@@ -179,8 +197,11 @@ class EmotionModel(nn.Module):
         for key in ("decoder", "decoder_norm", "head", "dec_pos", "dec_modality", "mask_token", "prior"):
             delattr(self.backbone, key)
         self.names = self.backbone.names
-        w = mae_cfg.width
-        self.pool = nn.ModuleDict({m: Pool(w, pooling, mae_cfg.heads) for m in self.names})
+        positions = {m: math.prod(lay.n_spatial) for m, lay in self.backbone.layouts.items()}
+        # features per modality after pooling (`position`: every position's, padded to the widest)
+        w = self.pool_dim = mae_cfg.width * (max(positions.values()) if pooling == "position" else 1)
+        self.pool = nn.ModuleDict({m: Pool(mae_cfg.width, pooling, mae_cfg.heads, positions[m], w)
+                                   for m in self.names})
         self.clip_pool = nn.ModuleDict({m: ClipPool(w, clip_pooling) for m in self.names})
         self.absent = nn.ParameterDict({m: nn.Parameter(torch.zeros(w)) for m in self.names})
         self.speaker_norm = bool(speaker_norm)

@@ -278,14 +278,16 @@ class Trainer:
     def probe_unit(self, unit: Unit, train: np.ndarray, val: np.ndarray, test: np.ndarray,
                    save_model: bool) -> UnitResult:
         """The linear probe of the pretrained encoder: the encoder frozen, every patch of every
-        window mean-pooled into one vector per modality and clip, each speaker's mean subtracted
+        window mean-pooled (per spatial position with ``pooling=position``, else over all of them)
+        into one vector per modality and clip, each speaker's mean subtracted
         (as ``speaker_norm``), and a linear head fitted to convergence on those vectors — the same
         logistic (ridge for values) regression and validation-chosen penalty as the baselines. The
         training clips are presented audiovisually and, with two modalities, with each one alone,
         so the probe scores audio or video alone as the fine-tuned models do. The fitted
         standardisation is folded into the head: the result is an ordinary `EmotionModel`."""
         t0 = time.perf_counter()
-        fcfg = replace(self.fcfg, pooling="mean", clip_pooling="mean", head_norm="none", speaker_norm=True,
+        pooling = "position" if self.fcfg.pooling == "position" else "mean"  # no learned weights
+        fcfg = replace(self.fcfg, pooling=pooling, clip_pooling="mean", head_norm="none", speaker_norm=True,
                        freeze=True, dropout=0.0)
         model = _make_model(self.bb, self.task, fcfg, unit_seed(self.cfg.seed, unit.seed_key), "probe",
                             self.device).eval()
