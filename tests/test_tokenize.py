@@ -72,10 +72,13 @@ def trained(tmp_path_factory):
 def test_train_and_encode(trained):
     tmp, manifest, store, run, res = trained
     s = TokenStore.open(store)
-    assert s.n_clips == 9
+    assert s.n_clips == 10  # 8 encoded, 1 failed, 1 skipped at scan: every input has a row
     table = s.clips
     ok = table["status"] == "ok"
     assert ok.sum() == 8 and "broken.mp4" in str(table["path"][~ok][0])
+    scan_rows = [(c, p, e) for c, p, e in s.failures() if e.startswith("scan: ")]
+    assert len(scan_rows) == 1 and scan_rows[0][0] == f"skipped:{scan_rows[0][1]}"
+    assert scan_rows[0][1].endswith("gone.mp4") and "does not exist" in scan_rows[0][2]
     # alignment: two audio frames per video frame; audio-only clips have no visual frames
     vid = table["visual_length"] > 0
     np.testing.assert_array_equal(table["audio_length"][vid], 2 * table["visual_length"][vid])
@@ -91,7 +94,7 @@ def test_train_and_encode(trained):
     failures = list(csv.reader(open(run / "failures.csv")))
     assert failures[1][0].endswith("broken.mp4") and failures[1][1] == "video"
     # every input accounted for: the listed file that does not exist is in the list too
-    assert [r[1] for r in failures[1:] if "gone.mp4" in r[0]] == ["scan"]
+    assert [r[1] for r in failures[1:] if "gone.mp4" in r[0]] == ["scan"]  # once, though in the store too
     assert "tokenize summary" in res.output and "inputs skipped at scan" in res.output
 
 
@@ -130,8 +133,9 @@ from vqmae.encoding import encode_corpus
 manifest, store, tok, delay = sys.argv[1:5]
 cfg = load_config("tiny", ["face.mode=haar", "store.segment_clips=2"])
 tokenizers = load_tokenizers(Path(tok), ("audio", "visual"), "cpu")
-encode_corpus(scan(manifest).clips, cfg, Path(store), tokenizers, workers=0,
-              on_clip=lambda: time.sleep(float(delay)))
+scanned = scan(manifest)
+encode_corpus(scanned.clips, cfg, Path(store), tokenizers, workers=0,
+              on_clip=lambda: time.sleep(float(delay)), skipped=scanned.skipped)
 """
 
 

@@ -78,12 +78,16 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
                   tokenizers: dict[str, LoadedTokenizer], *,
                   shard: tuple[int, int] = (0, 1), device: str = "cpu", workers: int = 1,
                   reporter: Reporter = Reporter(), on_clip: Callable[[], None] | None = None,
-                  noise: NoiseSpec | None = None) -> EncodeResult:
+                  noise: NoiseSpec | None = None,
+                  skipped: Sequence[tuple[str, str]] = ()) -> EncodeResult:
     """Encode this shard's clips (index % n == i) into `store`; merge when running unsharded.
 
     `clips` is the full scan (positions are the store's canonical `index`). Clips already committed
     are skipped, so a rerun after an interruption resumes. `noise` adds seeded noise to every
-    clip's waveform before the STFT (see `vqmae.noise`).
+    clip's waveform before the STFT (see `vqmae.noise`). `skipped`: (path, reason) of the inputs
+    the scan could not use; shard 0 records each in the store's table as a failed row (stage
+    "scan", clip id ``skipped:<path>``, ordered after the scanned clips), so the store accounts for
+    every input.
     """
     modalities = tuple(tokenizers)
     cfg = feature_config(cfg, tokenizers)
@@ -99,6 +103,11 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
     reporter.advance("encode", len(mine) - len(todo))
     encoded = 0
     with writer:
+        if shard[0] == 0:
+            for j, (path, reason) in enumerate(skipped):
+                if f"skipped:{path}" not in writer.done:
+                    writer.add_failure({"clip_id": f"skipped:{path}", "index": len(clips) + j, "path": path},
+                                       "scan", reason)
         # completion order: `merge` sorts by index, and holding early finishers back for a slow
         # clip would keep their arrays in memory
         for clip, data, failure in ingest(todo, cfg, modalities, workers=workers, noise=noise):

@@ -370,8 +370,9 @@ def tokenize(data: str | Path, out: str | Path, cfg: Config, run_dir: str | Path
                               time.perf_counter() - t0, skipped)
     loaded = load_tokenizers(tokenizers, modalities, device)
     result = encode_corpus(clips, cfg, out, loaded, shard=shard, device=device, workers=workers,
-                           reporter=reporter)
-    failed = store_failures(out) if result.merged else list(result.failed)
+                           reporter=reporter, skipped=skipped)
+    # the store's scan rows are this scan's `skipped` (or an earlier scan's): listed once, below
+    failed = [f for f in store_failures(out) if f.stage != "scan"] if result.merged else list(result.failed)
     known = {f.path for f in failed}
     failed += [f for f in failures if f.path not in known]  # failed while decoding training clips
     failed += [f for f in result.failed if f.stage == "decode" and f.path not in known]
