@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -31,19 +33,73 @@ def make_config(preset: str, overrides: Optional[list[str]]) -> Config:
         raise typer.Exit(2) from None
 
 
+# The global options (`vqmae --quiet --log-file F COMMAND ...`), set by the app's callback.
+GLOBAL: dict = {"quiet": False, "log_file": None}
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
-        force=True,
-    )
+    """Log records to stderr (warnings and errors only with --quiet) and, with --log-file, every
+    record with its time and logger to that file as well."""
+    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    handler.setLevel(logging.WARNING if GLOBAL["quiet"] else logging.DEBUG)
+    handlers: list[logging.Handler] = [handler]
+    if GLOBAL["log_file"] is not None:
+        to_file = logging.FileHandler(GLOBAL["log_file"], encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=handlers, force=True)
 
 
-def RichReporter(console: Console, every: float = 30.0) -> "BarReporter | LineReporter":
+def RichReporter(console: Console, every: float = 30.0) -> "BarReporter | LineReporter | TeeReporter":
     """A `vqmae.training.Reporter` for `console`: rich progress bars on a terminal; elsewhere (a log
-    file, `nohup`, CI), where bars would draw nothing until the end, plain lines."""
-    return BarReporter(console) if console.is_terminal else LineReporter(console, every)
+    file, `nohup`, CI), where bars would draw nothing until the end, plain lines; nothing with
+    --quiet. With --log-file the plain lines, timestamped, also go to that file."""
+    shown = [] if GLOBAL["quiet"] else [BarReporter(console) if console.is_terminal
+                                        else LineReporter(console, every)]
+    if GLOBAL["log_file"] is not None:
+        shown.append(LineReporter(_LogFileConsole(GLOBAL["log_file"]), every))
+    return TeeReporter(shown)
+
+
+class TeeReporter:
+    """The same progress to several reporters (none: silent)."""
+
+    def __init__(self, reporters: list):
+        self.reporters = reporters
+
+    def __enter__(self) -> "TeeReporter":
+        for r in self.reporters:
+            r.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in self.reporters:
+            r.__exit__(*exc)
+
+    def start(self, name: str, total: int | None) -> None:
+        for r in self.reporters:
+            r.start(name, total)
+
+    def advance(self, name: str, n: int = 1, **fields) -> None:
+        for r in self.reporters:
+            r.advance(name, n, **fields)
+
+    def finish(self, name: str) -> None:
+        for r in self.reporters:
+            r.finish(name)
+
+
+class _LogFileConsole:
+    """Appends `print`ed progress lines to a file with a timestamp, as the log records are."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def print(self, text: str, **_) -> None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} PROGRESS {text}\n")
 
 
 def _info(fields: dict) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
+from vqmae_cli import common
 from vqmae_cli import (config, evaluate, export, finetune, ingest, inspect, predict, pretrain, reconstruct, synth,
                  tokenize)
 
@@ -13,6 +17,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+@app.callback()
+def main(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no info messages: warnings, errors and the final tables only.")] = False,
+    log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Also append every log message and progress line, timestamped, to this file.")] = None,
+) -> None:
+    """vqmae: self-supervised audiovisual speech emotion recognition with discrete tokens.
+    Global options go before the command: vqmae --quiet --log-file run.log tokenize ..."""
+    common.GLOBAL.update(quiet=quiet, log_file=log_file)
+
 
 app.command("synth")(synth.synth)
 app.command("ingest")(ingest.ingest)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from vqmae_cli.common import PresetOpt, SetOpt, console, err_console, make_config, setup_logging
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from vqmae_cli.common import PresetOpt, RichReporter, SetOpt, console, err_console, make_config, setup_logging
 
 
 def synth(
@@ -39,10 +36,10 @@ def synth(
 
     t0 = time.perf_counter()
     try:
-        with _progress() as progress:
-            bar = progress.add_task("synth", total=None)
-            manifest = synthesize(out, cfg.synth, workers=workers, overwrite=force,
-                                  progress=lambda done, total: progress.update(bar, completed=done, total=total))
+        with RichReporter(console) as reporter:
+            progress = _Progress(reporter)
+            manifest = synthesize(out, cfg.synth, workers=workers, overwrite=force, progress=progress)
+            progress.finish()
     except SynthError as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -54,8 +51,11 @@ def _speech(out: Path, speakers: int, clips: int, seed: int, workers: Optional[i
 
     t0 = time.perf_counter()
     try:
-        manifest = synthesize_speech(out, n_speakers=speakers, clips_per_speaker=clips, seed=seed,
-                                     workers=workers or 1, overwrite=force)
+        with RichReporter(console) as reporter:
+            progress = _Progress(reporter)
+            manifest = synthesize_speech(out, n_speakers=speakers, clips_per_speaker=clips, seed=seed,
+                                         workers=workers or 1, overwrite=force, progress=progress)
+            progress.finish()
     except SpeechCorpusError as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -67,11 +67,22 @@ def _speech(out: Path, speakers: int, clips: int, seed: int, workers: Optional[i
                   + ", ".join(f"{out}_snr{s:g}" for s in summary["noisy_snrs"]))
 
 
-def _progress() -> Progress:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Progress:
+    """`synthesize`'s progress(done, total) callback → a reporter's "synth" phase."""
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+    def __init__(self, reporter):
+        self.reporter, self.done = reporter, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.done is None:
+            self.reporter.start("synth", total)
+            self.done = 0
+        self.reporter.advance("synth", done - self.done)
+        self.done = done
+
+    def finish(self) -> None:
+        if self.done is not None:
+            self.reporter.finish("synth")
 
 
 def _print_summary(summary: dict, manifest: Path, elapsed: float) -> None:

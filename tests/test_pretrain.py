@@ -68,6 +68,14 @@ def test_loss_goes_down_and_checkpoint_records_parents(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "mae.pt", weights_only=True)
     assert ckpt["kind"] == "mae" and ckpt["parents"]["audio_tokenizer"] == "a" * 64
     assert ckpt["extra"]["dims"]["audio"]["codebook_size"] == 16
+    # the same rows as TensorBoard scalars beside metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    board.Reload()
+    logged = board.Scalars("loss/total")
+    assert [e.step for e in logged] == [r["step"] for r in rows]
+    assert [e.value for e in logged] == pytest.approx([r["loss/total"] for r in rows], rel=1e-6)
 
 
 def test_unigram_prior_is_set_from_the_training_clips(tmp_path):

@@ -334,3 +334,20 @@ def test_expressiveness_moves_the_signal_not_the_labels():
     fear = S.clip_params(SynthConfig(variability=0.0, expressiveness=4.0), S.ClipSpec(0, 0, "video", "fearful"),
                          np.random.default_rng(0))
     assert fear.emo.pitch_st <= 10.0
+
+
+def test_global_quiet_and_log_file(tmp_path):
+    """`vqmae --quiet --log-file F synth ...`: no progress or info lines on the console, the final
+    summary still printed; F holds the timestamped progress lines and log records."""
+    log = tmp_path / "run.log"
+    args = ["synth", str(tmp_path / "d"), "--preset", "tiny", "--set", "synth.n_speakers=1",
+            "--set", "synth.clips_per_speaker=2", "--set", "synth.audio_only_per_speaker=1", "--workers", "1"]
+    loud = CliRunner().invoke(app, args)
+    quiet = CliRunner().invoke(app, ["--quiet", "--log-file", str(log), *args[:1], str(tmp_path / "q"), *args[2:]])
+    assert loud.exit_code == quiet.exit_code == 0, quiet.output
+    assert "3 clips (2 video, 1 audio-only)" in quiet.output
+    progress = [x for x in loud.output.splitlines() if ": started" in x or ": done" in x]
+    assert progress and not [x for x in quiet.output.splitlines() if ": started" in x or ": done" in x]
+    lines = log.read_text().splitlines()
+    assert any(" PROGRESS " in x and ": done" in x for x in lines)
+    assert all(x[:4].isdigit() and x[10] == " " for x in lines)  # every line starts with its time

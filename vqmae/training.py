@@ -99,15 +99,39 @@ def all_reduce_mean(values: dict[str, float], info: Dist, device: str) -> dict[s
 
 class MetricsLog:
     """Append-only JSON lines (`metrics.jsonl`), one object per row; a no-op off rank 0 or without
-    a path."""
+    a path. Where the `tensorboard` package is installed (`pip install 'vqmae[tensorboard]'`), the
+    numeric fields of every row also go to TensorBoard event files in ``tensorboard/`` beside it,
+    at the row's ``step`` (or ``epoch``): ``tensorboard --logdir runs/``."""
 
     def __init__(self, path: str | os.PathLike | None, info: Dist = Dist()):
         self.path = Path(path) if path is not None and info.main else None
+        self.board = _summary_writer(self.path.parent / "tensorboard") if self.path is not None else None
 
     def write(self, row: Mapping[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(dict(row)) + "\n")
+        if self.board is not None:
+            step = row.get("step", row.get("epoch"))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (its files and thread); the JSON lines need nothing."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+
+def _summary_writer(directory: Path) -> Any:
+    """A TensorBoard SummaryWriter on `directory`, or None without the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
 
 
 @dataclass

@@ -34,6 +34,7 @@ whatever the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -44,6 +45,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -223,8 +225,10 @@ def _write_one(job: tuple[Speaker, int, int, str, tuple[float, ...]]) -> dict:
 
 def synthesize_speech(out_dir: str | Path, *, n_speakers: int = 10, clips_per_speaker: int = 24,
                       seed: int = 0, workers: int = 1, noisy_snrs: tuple[float, ...] = NOISY_SNRS,
-                      overwrite: bool = False) -> Path:
-    """Write the corpus (see the module docstring); returns its manifest path."""
+                      overwrite: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the corpus (see the module docstring); returns its manifest path. `progress(done,
+    total)` is called after each clip."""
     out = Path(out_dir)
     if n_speakers < 2 or clips_per_speaker < len(EMOTIONS):
         raise SpeechCorpusError(f"need at least 2 speakers and {len(EMOTIONS)} clips per speaker")
@@ -236,11 +240,12 @@ def synthesize_speech(out_dir: str | Path, *, n_speakers: int = 10, clips_per_sp
     check_festival()
     speakers = make_speakers(n_speakers, seed)
     jobs = [(s, i, seed, str(out), tuple(noisy_snrs)) for s in speakers for i in range(clips_per_speaker)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(_write_one, jobs, chunksize=4))
-    else:
-        rows = [_write_one(j) for j in jobs]
+    rows = []
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for row in (pool.map(_write_one, jobs, chunksize=4) if pool else map(_write_one, jobs)):
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), len(jobs))
     summary = {"format": FORMAT, "vqmae_version": __version__, "seed": seed,
                "speakers": [asdict(s) for s in speakers], "emotions": [asdict(e) for e in EMOTIONS],
                "clips": len(rows), "noisy_snrs": list(noisy_snrs)}

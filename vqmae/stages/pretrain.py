@@ -340,6 +340,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
                    hooks=[(pcfg.val_every, validate), (pcfg.recon_every, panels), (pcfg.ckpt_every, save)],
                    progress=lambda row: {"loss": row["loss/total"], "windows_s": row["windows_per_s"],
                                          **{k: row[k] for k in ("acc/audio", "acc/visual") if k in row}})
+    metrics.close()
     n_windows = (step - step0) * data.batch_size
     wps = n_windows / max(time.perf_counter() - t_start, 1e-9)
     if info.main:

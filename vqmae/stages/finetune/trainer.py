@@ -258,6 +258,7 @@ class Trainer:
         fit.run(step_fn, start=epoch * per_epoch, stop=fcfg.epochs * per_epoch, log_every=per_epoch,
                 on_log=end_epoch,
                 progress=lambda row: {"loss": row["loss/total"], self.task.select_key: row["val"]})
+        metrics.close()
         model.load_state_dict(best["state"])
         if model.speaker_norm:  # the fallback for a clip of an unknown speaker (see classifier.py)
             model.center.copy_(mean_center(self._train_centers(model, train, audio_only)))
