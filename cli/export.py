@@ -17,15 +17,23 @@ if TYPE_CHECKING:
 
 def export(
     classifier: Annotated[Path, typer.Argument(help="A classifier checkpoint (runs/.../classifier.pt).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the exported files into.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory to write the TorchScript / ONNX files into.")] = None,
+    hub_dir: Annotated[Optional[Path], typer.Option("--hub-dir", help="Directory to write a Hugging Face Hub-ready folder into (safetensors weights, config, tokenizers, model card); upload it with huggingface-cli upload.")] = None,
     tokenizers: Annotated[Optional[Path], typer.Option(help="Directory with audio_vqvae.pt / visual_vqvae.pt, when the paths recorded in the classifier moved.")] = None,
     device: Annotated[str, typer.Option(help="Device the exported files will run on (the traced graph keeps it): cpu, cuda, ... or auto.")] = "cpu",
     format: Annotated[str, typer.Option("--format", help="all (TorchScript, plus ONNX when the onnx extra is installed), torchscript, onnx, or torchscript,onnx.")] = "all",
     verbose: bool = False,
 ) -> None:
     """Export a fine-tuned classifier and its tokenizer encoders to TorchScript and ONNX, each file
-    checked against the eager model. Exit code 2 if the checkpoint cannot be exported."""
+    checked against the eager model (--out), and/or as a Hub-ready folder (--hub-dir). Exit code 2 if
+    the checkpoint cannot be exported."""
+    if out is None and hub_dir is None:
+        raise typer.BadParameter("give --out DIR, --hub-dir DIR, or both", param_hint="--out / --hub-dir")
     setup_logging(verbose)
+    if hub_dir is not None:
+        _hub(classifier, hub_dir, tokenizers)
+    if out is None:
+        return
     from vqmae.stages.export import ExportError, export_model
     from vqmae.utils import resolve_device
 
@@ -40,6 +48,20 @@ def export(
 
     if format.strip() == "all" and (why := available()):
         console.print(f"ONNX files skipped: {why}")
+
+
+def _hub(classifier: Path, hub_dir: Path, tokenizers: Optional[Path]) -> None:
+    from vqmae.stages.hub import write_hub_folder
+    from vqmae.stages.predict import PredictError
+
+    try:
+        files = write_hub_folder(classifier, hub_dir, tokenizers=tokenizers)
+    except PredictError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"Hub folder {hub_dir}: {', '.join(files)}; load it with "
+                  f"vqmae.Predictor.from_pretrained('{hub_dir}') or vqmae predict --model {hub_dir}; "
+                  f"share it with huggingface-cli upload USER/REPO {hub_dir}")
 
 
 def _print(result: ExportResult) -> None:

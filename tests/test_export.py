@@ -425,3 +425,43 @@ def test_formats_torchscript_only_and_refusals(built, tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     res = export_model(av, tmp_path / "c")  # `all` without the packages: TorchScript alone
     assert [n for n in res.files if n.endswith(".onnx")] == []
+
+
+def test_hub_folder_round_trip(built, tmp_path, monkeypatch):
+    """`vqmae export --hub-dir`: safetensors + config + model card; `Predictor.from_pretrained` on the
+    folder (or `Predictor.load` / `vqmae predict --model` on it) scores exactly as the checkpoint;
+    a changed file and an unreachable repo id are refused with the reason."""
+    from vqmae.stages.hub import CONFIG, FORMAT
+    from vqmae.stages.predict import PredictError
+
+    _, av, _, _, _ = built
+    hub = tmp_path / "hub"
+    res = CliRunner().invoke(_app(), ["export", str(av), "--hub-dir", str(hub)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "audio_tokenizer.safetensors", "config.json",
+                                                     "model.safetensors", "visual_tokenizer.safetensors"]
+    config = json.loads((hub / CONFIG).read_text())
+    assert config["format"] == FORMAT and config["classifier"]["checkpoint_sha256"] == checkpoint_sha256(av)
+    card = (hub / "README.md").read_text()
+    for part in ("library_name: vqmae", "## Intended use", "## Training data and protocol", "fold0",
+                 "## Metrics", "## Provenance", config["classifier"]["parents"]["audio_tokenizer"],
+                 "Predictor.from_pretrained"):
+        assert part in card
+    original, shared = Predictor.load(av), Predictor.from_pretrained(hub)
+    assert Predictor.load(hub).path == hub
+    rng = np.random.default_rng(0)
+    arrays = {"audio": rng.integers(0, 32, (90, K_A)), "visual": rng.integers(0, 64, (45, *GRID_V))}
+    a, b = original.predict(arrays), shared.predict(arrays)
+    assert a.names == b.names and np.array_equal(a.scores, b.scores)
+    (hub / "model.safetensors").write_bytes((hub / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(PredictError, match=r"model\.safetensors: sha256 .* is not the .* config\.json records"):
+        Predictor.from_pretrained(hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PredictError, match="someone/not-a-model: not a folder, and the Hub download failed"):
+        Predictor.from_pretrained("someone/not-a-model")
+
+
+def _app():
+    from vqmae_cli.main import app
+
+    return app

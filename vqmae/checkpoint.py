@@ -409,6 +409,24 @@ def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
     CheckpointError."""
     path = Path(path)
     ckpt = load_checkpoint(path, kind="classifier")
+    model, task, cfg, mae_cfg, dims = build_classifier(ckpt, ckpt["state_dict"], path)
+    parents = ckpt.get("parents") or {}
+    if not with_tokenizers:
+        return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, {}, ckpt)
+    try:
+        toks = resolve_tokenizers(path, {m: parents.get(f"{m}_tokenizer") for m in model.names},
+                                  recorded=ckpt["extra"].get("tokenizers") or {}, directory=tokenizers,
+                                  device=device, hint=hint)
+    except RuntimeError as e:
+        raise CheckpointError(str(e)) from None
+    check_tokenizers_fit(path, dims, mae_cfg, toks)
+    return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, toks, ckpt)
+
+
+def build_classifier(ckpt: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: Path
+                     ) -> tuple[EmotionModel, Any, Config, MAEConfig, MAEDims]:
+    """The classifier a checkpoint's config and extra describe, with `state_dict` loaded (a
+    `.pt` checkpoint's own, or a Hub folder's safetensors). Raises CheckpointError naming `where`."""
     try:
         extra = ckpt["extra"]
         cfg = Config.from_dict(ckpt["config"])
@@ -416,34 +434,30 @@ def load_classifier(path: str | os.PathLike, *, device: str = "cpu",
         dims = MAEDims.from_dict(extra["dims"])
         task = task_from_dict(extra["task"])
     except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{path}: not a complete classifier checkpoint (field {e} missing or "
+        raise CheckpointError(f"{where}: not a complete classifier checkpoint (field {e} missing or "
                               f"unreadable); was it written by `vqmae finetune`?") from None
     if "clip_pooling" not in dict(ckpt["config"].get("finetune") or {}):
-        raise CheckpointError(f"{path}: a classifier from before clip-level scoring (it averaged "
+        raise CheckpointError(f"{where}: a classifier from before clip-level scoring (it averaged "
                               f"per-window outputs); fine-tune it again with this version")
     model = EmotionModel(mae_cfg, dims, len(task.names), cfg.finetune.pooling, cfg.finetune.dropout,
-                         speaker_norm="center" in ckpt["state_dict"], clip_pooling=cfg.finetune.clip_pooling,
+                         speaker_norm="center" in state_dict, clip_pooling=cfg.finetune.clip_pooling,
                          head_norm=cfg.finetune.head_norm)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model built from its stored config: "
+        raise CheckpointError(f"{where}: weights do not fit the model built from its stored config: "
                               f"{e}") from None
-    parents = ckpt.get("parents") or {}
-    if not with_tokenizers:
-        return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, {}, ckpt)
-    try:
-        toks = resolve_tokenizers(path, {m: parents.get(f"{m}_tokenizer") for m in model.names},
-                                  recorded=extra.get("tokenizers") or {}, directory=tokenizers,
-                                  device=device, hint=hint)
-    except RuntimeError as e:
-        raise CheckpointError(str(e)) from None
-    for m, t in toks.items():  # the model's codebook sizes, grids and window frames are its tokenizers'
+    return model, task, cfg, mae_cfg, dims
+
+
+def check_tokenizers_fit(where: Path, dims: MAEDims, mae_cfg: MAEConfig,
+                         toks: Mapping[str, LoadedTokenizer]) -> None:
+    """The model's codebook sizes, grids and window frames are its tokenizers'; CheckpointError if not."""
+    for m, t in toks.items():
         d = dims.get(m)
         frames = mae_cfg.window_seconds * float(t.model.frame_rate)
         if d is None or d.codebook_size != t.model.codebook_size or tuple(d.grid) != tuple(t.model.grid) \
                 or abs(d.frames - frames) > 1e-6:
-            raise CheckpointError(f"{path}: its {m} input {d} does not match the tokenizer {t.path} "
+            raise CheckpointError(f"{where}: its {m} input {d} does not match the tokenizer {t.path} "
                                   f"(codebook {t.model.codebook_size}, grid {tuple(t.model.grid)}, "
                                   f"{frames:g} frames per {mae_cfg.window_seconds:g} s window)")
-    return LoadedClassifier(model.to(device).eval(), task, cfg, mae_cfg, dims, toks, ckpt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -64,3 +65,20 @@ def autocast_context(device: str | Any):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def jsonable(x: Any) -> Any:
+    """NumPy values and arrays as plain JSON values (non-finite floats as null)."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

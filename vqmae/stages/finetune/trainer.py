@@ -28,7 +28,7 @@ from vqmae.stages.finetune.data import (CKPT_NAME, Backbone, ClipWindows, Finetu
 from vqmae.store import TokenStore
 from vqmae.tasks import Task
 from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, adamw, base_lrs
-from vqmae.utils import atomic_write_bytes, atomic_write_json
+from vqmae.utils import atomic_write_bytes, atomic_write_json, jsonable
 from vqmae.windows import WindowPlan
 
 log = logging.getLogger(__name__)
@@ -118,21 +118,6 @@ class UnitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "metrics": jsonable(self.metrics)}
-
-
-def jsonable(x: Any) -> Any:
-    """NumPy values and arrays as plain JSON values (non-finite floats as null)."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 class Trainer:

@@ -116,7 +116,10 @@ class Predictor:
         from the recorded paths, or from the directory `tokenizers` holding audio_vqvae.pt /
         visual_vqvae.pt, each sha256-checked against the classifier's parents. `face_mode` (auto,
         fan, haar, none) overrides the face detector the classifier's run used. Raises
-        PredictError naming the file and the reason."""
+        PredictError naming the file and the reason. A directory is read as a Hub folder
+        (`from_pretrained`)."""
+        if Path(path).is_dir():
+            return cls.from_pretrained(path, device=device, face_mode=face_mode, batch_windows=batch_windows)
         try:
             loaded = load_classifier(path, device=device, tokenizers=tokenizers, hint=TOKENIZERS_HINT)
             cfg = feature_config(loaded.cfg, loaded.tokenizers)
@@ -128,6 +131,17 @@ class Predictor:
         log.info("%s: %s over %s, %s", path, task.kind, list(task.names), list(model.names))
         return cls(model, task, loaded.tokenizers, cfg, loaded.mae_cfg.window_seconds, device, Path(path),
                    batch_windows)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str = "cpu",
+                        revision: str | None = None, face_mode: str | None = None,
+                        batch_windows: int = 64) -> "Predictor":
+        """A classifier and its tokenizers from a Hub folder (`vqmae export --hub-dir`) or a Hugging
+        Face Hub repo id holding one (`vqmae.stages.hub`). Raises PredictError."""
+        from vqmae.stages.hub import load_hub_folder
+
+        return load_hub_folder(name_or_path, device=device, revision=revision, face_mode=face_mode,
+                               batch_windows=batch_windows)
 
     @property
     def task_kind(self) -> str:
