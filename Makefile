@@ -15,7 +15,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth speech-deps speech-corpus speech-demo ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo synth speech-deps speech-corpus speech-demo seeds ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
 
 TORCH_INDEX ?=
 
@@ -63,6 +63,10 @@ speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audi
 			--preset $(PRESET) --workers $(WORKERS) --device $(DEVICE) --run-dir $(SPEECH_RUN)/tokenize_snr$$snr && \
 		$(BIN)/vqmae evaluate $(SPEECH_RUN)/finetune $(SPEECH_DATA)/speech_snr$$snr.zarr --device $(DEVICE) || exit 1; \
 	done
+
+seeds:  ## after make demo and make speech-demo: both stores pretrained and fine-tuned under seeds 0, 1, 2, tabulated across seeds (about 50 min on 2 CPU cores)
+	$(BIN)/python benchmarks/seeds.py $(STORE) --run $(RUN)-seeds --seeds 0,1,2 --folds 4 --label-fraction 0.25,1 --device $(DEVICE)
+	$(BIN)/python benchmarks/seeds.py $(SPEECH_STORE) --run $(SPEECH_RUN)-seeds --seeds 0,1,2 --folds 5 --label-fraction 0.1,1 --device $(DEVICE)
 
 ingest:  ## decode + crop every clip, list failures (a dry run of tokenize's decoding)
 	$(BIN)/vqmae ingest $(DATA) --face $(FACE) --preset $(PRESET) --workers $(WORKERS) --run-dir $(RUN)/ingest

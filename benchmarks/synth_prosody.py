@@ -11,8 +11,8 @@ is then scored leave-one-speaker-out, on the raw features and on features z-scor
     python benchmarks/synth_prosody.py --preset tiny --set synth.expressiveness=1 --set synth.n_speakers=4
 
 It tells how far apart the emotions are in the voice alone relative to how far apart the speakers
-are, which is what limits any speaker-independent model of the corpus (README, "Fine-tuning on the
-tiny demo store").
+are, which is what limits any speaker-independent model of the corpus (docs/model-quality.md,
+"Earlier history").
 """
 
 from __future__ import annotations

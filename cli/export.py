@@ -51,7 +51,7 @@ def export(
 
 
 def _hub(classifier: Path, hub_dir: Path, tokenizers: Optional[Path]) -> None:
-    from vqmae.stages.hub import write_hub_folder
+    from vqmae.stages.predict.hub import write_hub_folder
     from vqmae.stages.predict import PredictError
 
     try:

@@ -431,7 +431,7 @@ def test_hub_folder_round_trip(built, tmp_path, monkeypatch):
     """`vqmae export --hub-dir`: safetensors + config + model card; `Predictor.from_pretrained` on the
     folder (or `Predictor.load` / `vqmae predict --model` on it) scores exactly as the checkpoint;
     a changed file and an unreachable repo id are refused with the reason."""
-    from vqmae.stages.hub import CONFIG, FORMAT
+    from vqmae.stages.predict.hub import CONFIG, FORMAT
     from vqmae.stages.predict import PredictError
 
     _, av, _, _, _ = built

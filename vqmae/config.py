@@ -345,12 +345,12 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
-        # the measurements behind these settings: README, "What the audio codes keep of the prosody"
+        # the measurements behind these settings: docs/results.md, "What the audio codes keep of the prosody"
         audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=1500, batch_frames=128, lr=2e-3,
                                dead_threshold=2.0, warmup_steps=30),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
-        # fixed 50% masking, sin-cos positions (README, stage 2); the paper's 2 s windows; a 150-step
+        # fixed 50% masking, sin-cos positions (docs/commands.md, pretrain); the paper's 2 s windows; a 150-step
         # warm-up (40 let some seeds settle on the unigram: docs/model-quality.md)
         mae=MAEConfig(width=64, heads=2, encoder_depth=2, decoder_depth=1, head_dim=16,
                       window_seconds=2.0, masking="fixed"),

@@ -3,7 +3,7 @@ VQ-VAE's spectral codes so that pitch, loudness and voice quality are one id awa
 
 Emotion in speech lives largely in pitch level and range, loudness and voice quality (the
 eGeMAPS low-level descriptors: F0, loudness, harmonics-to-noise ratio, spectral slope). The spectral
-codes keep them (README, tokenizer table: F0 correlation 0.92 on held-out speech), but spread over
+codes keep them (docs/results.md, tokenizer table: F0 correlation 0.92 on held-out speech), but spread over
 64 ids whose combinations a small transformer must first learn to read. Quantised prosody next to
 the content codes is what prosody-aware spoken language models do (pGSLM, Kharitonov et al. 2022,
 quantised log-F0 beside HuBERT units). Per frame, in this order:

@@ -187,7 +187,7 @@ def context_warnings(result: PretrainResult) -> list[str]:
         return []
     return [f"masked-token accuracy not above the unigram baseline ({'; '.join(behind)}): the model "
             f"does not use the visible context yet, and fine-tuning from it may trail training from "
-            f"scratch. More steps, or see README stage 2 (masking, position init)."]
+            f"scratch. More steps, or see docs/commands.md, pretrain (masking, position init)."]
 
 
 def val_windows(data: WindowData) -> list[tuple[np.ndarray, np.ndarray]]:

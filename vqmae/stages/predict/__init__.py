@@ -138,10 +138,10 @@ class Predictor:
                         batch_windows: int = 64) -> "Predictor":
         """A classifier and its tokenizers from a Hub folder (`vqmae export --hub-dir`) or a Hugging
         Face Hub repo id holding one (`vqmae.stages.hub`). Raises PredictError."""
-        from vqmae.stages.hub import load_hub_folder
+        from vqmae.stages.predict.hub import load_hub_folder
 
-        return load_hub_folder(name_or_path, device=device, revision=revision, face_mode=face_mode,
-                               batch_windows=batch_windows)
+        h = load_hub_folder(name_or_path, device=device, revision=revision, face_mode=face_mode)
+        return cls(h.model, h.task, h.tokenizers, h.cfg, h.window_seconds, device, h.folder, batch_windows)
 
     @property
     def task_kind(self) -> str:

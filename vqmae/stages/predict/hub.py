@@ -8,7 +8,7 @@
         DIR/README.md                     the model card: intended use, training data, provenance,
                                           metrics, evaluation protocol, how to load it
 
-    load_hub_folder(DIR or "user/repo")    (`Predictor.from_pretrained`) → a `Predictor`
+    load_hub_folder(DIR or "user/repo")    (`Predictor.from_pretrained`) → the rebuilt parts
 
 Weights are safetensors (no pickled code runs at load); configs are JSON. A folder is uploaded with
 the user's own ``huggingface-cli upload user/repo DIR``; a repo id is fetched with
@@ -26,13 +26,17 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from dataclasses import dataclass
+
 from vqmae import __version__
 from vqmae.checkpoint import (CheckpointError, LoadedTokenizer, build_classifier, check_tokenizers_fit,
-                              checkpoint_sha256, load_checkpoint)
-from vqmae.config import Config, ConfigError
+                              checkpoint_sha256, load_checkpoint, load_classifier)
+from vqmae.config import Config, ConfigError, set_key
 from vqmae.encoding import feature_config
+from vqmae.models.classifier import EmotionModel
 from vqmae.models.tokenizers import build_tokenizer
-from vqmae.stages.predict import PredictError, Predictor
+from vqmae.stages.predict.results import PredictError
+from vqmae.tasks import Task
 from vqmae.utils import atomic_write_bytes, atomic_write_json, jsonable
 
 FORMAT = "vqmae-hub/1"
@@ -40,6 +44,18 @@ CONFIG = "config.json"
 MODEL = "model.safetensors"
 CARD = "README.md"
 EXTRA = "pip install 'vqmae[hub]'"
+
+
+@dataclass
+class HubModel:
+    """What a Hub folder rebuilds: `Predictor(model, task, tokenizers, cfg, window_seconds, ...)`."""
+
+    model: EmotionModel
+    task: Task
+    tokenizers: dict[str, LoadedTokenizer]
+    cfg: Config
+    window_seconds: float
+    folder: Path
 
 
 def tokenizer_file(modality: str) -> str:
@@ -61,7 +77,10 @@ def write_hub_folder(classifier_path: str | os.PathLike, out_dir: str | os.PathL
     Returns {file name: path}. Raises PredictError naming the file and the reason."""
     st = _safetensors()
     path, out = Path(classifier_path), Path(out_dir)
-    pred = Predictor.load(path, tokenizers=tokenizers)
+    try:
+        loaded = load_classifier(path, tokenizers=tokenizers)
+    except CheckpointError as e:
+        raise PredictError(str(e)) from None
     ckpt = load_checkpoint(path, kind="classifier")
     if out.exists() and not out.is_dir():
         raise PredictError(f"{out}: exists and is not a directory")
@@ -69,7 +88,7 @@ def write_hub_folder(classifier_path: str | os.PathLike, out_dir: str | os.PathL
     (out / CONFIG).unlink(missing_ok=True)  # a half-replaced folder is never described as whole
     blobs = {MODEL: st.save({k: v.contiguous() for k, v in ckpt["state_dict"].items()})}
     toks = {}
-    for m, t in pred.tokenizers.items():
+    for m, t in loaded.tokenizers.items():
         blobs[tokenizer_file(m)] = st.save({k: v.contiguous() for k, v in t.model.state_dict().items()})
         toks[m] = {"kind": t.ckpt["kind"], "config": t.ckpt["config"], "file": tokenizer_file(m),
                    "checkpoint_sha256": t.sha256}
@@ -84,15 +103,16 @@ def write_hub_folder(classifier_path: str | os.PathLike, out_dir: str | os.PathL
     config = jsonable(config)
     for name, data in blobs.items():
         atomic_write_bytes(out / name, data)
-    atomic_write_bytes(out / CARD, model_card(config, pred).encode())
+    atomic_write_bytes(out / CARD, model_card(config, loaded.model, loaded.task).encode())
     atomic_write_json(out / CONFIG, config)
     return {name: out / name for name in (*blobs, CARD, CONFIG)}
 
 
 def load_hub_folder(name_or_path: str | os.PathLike, *, device: str = "cpu", revision: str | None = None,
-                    face_mode: str | None = None, batch_windows: int = 64) -> Predictor:
-    """A `Predictor` from a folder written by `write_hub_folder`, or from a Hub repo id holding
-    one (downloaded through huggingface_hub). Raises PredictError naming the file and the reason."""
+                    face_mode: str | None = None) -> HubModel:
+    """The classifier and tokenizers of a folder written by `write_hub_folder`, or of a Hub repo id
+    holding one (downloaded through huggingface_hub). Raises PredictError naming the file and the
+    reason."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         folder = _download(str(name_or_path), revision)
@@ -120,12 +140,10 @@ def load_hub_folder(name_or_path: str | os.PathLike, *, device: str = "cpu", rev
         check_tokenizers_fit(folder, dims, mae_cfg, toks)
         cfg = feature_config(cfg, toks)
         if face_mode is not None:
-            from vqmae.config import set_key
-
             cfg = set_key(cfg, "face.mode", face_mode)
     except (CheckpointError, ConfigError) as e:
         raise PredictError(str(e)) from None
-    return Predictor(model, task, toks, cfg, mae_cfg.window_seconds, device, folder, batch_windows)
+    return HubModel(model.to(device).eval(), task, toks, cfg, mae_cfg.window_seconds, folder)
 
 
 def _tokenizer(folder: Path, info: Mapping[str, Any], st: Any, device: str) -> LoadedTokenizer:
@@ -151,11 +169,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise PredictError(f"{repo_id}: not a folder, and the Hub download failed: {type(e).__name__}: {e}") from None
 
 
-def model_card(config: Mapping[str, Any], pred: Predictor) -> str:
+def model_card(config: Mapping[str, Any], model: EmotionModel, task: Task) -> str:
     """The folder's README.md: Hub metadata, then what the model is for and how it was made."""
     clf, extra = config["classifier"], config["classifier"]["extra"]
-    cfg, names = clf["config"], list(pred.names)
-    modalities = list(pred.model.names)
+    cfg, names, kind = clf["config"], list(task.names), task.kind
+    modalities = list(model.names)
     metrics = clf["metrics"]
     rows = "\n".join(f"| {mode} | {metrics.get(f'{mode}/uar', float('nan')):.3f} | "
                      f"{metrics.get(f'{mode}/war', float('nan')):.3f} | "
@@ -165,7 +183,7 @@ def model_card(config: Mapping[str, Any], pred: Predictor) -> str:
     parents = "\n".join(f"- {k}: `{v}`" for k, v in clf["parents"].items())
     ft = cfg.get("finetune", {})
     norm = ("on (a test speaker's mean from its own unlabelled clips; a lone clip uses the training "
-            "speakers' mean)") if pred.model.speaker_norm else "off"
+            "speakers' mean)") if model.speaker_norm else "off"
     return f"""---
 library_name: vqmae
 tags: [speech-emotion-recognition, audio-classification, video-classification, vqmae]
@@ -173,14 +191,14 @@ tags: [speech-emotion-recognition, audio-classification, video-classification, v
 
 # vqmae emotion classifier ({', '.join(modalities)}: {', '.join(names)})
 
-A {pred.task_kind} model made by [vqmae](https://github.com/) `finetune` (vqmae {config['vqmae_version']}):
+A {kind} model made by [vqmae](https://github.com/) `finetune` (vqmae {config['vqmae_version']}):
 discrete audio{' and face' if 'visual' in modalities else ''} tokens from the two VQ-VAE tokenizers in
 this folder, a masked-token transformer encoder ({extra.get('variant', '?')} initialisation), clips
 scored whole in {extra['mae_config']['window_seconds']:g} s windows pooled into one clip vector.
 
 ## Intended use and limits
 
-Research on speech emotion recognition: scoring the emotion {'classes' if pred.task_kind != 'regress' else 'values'}
+Research on speech emotion recognition: scoring the emotion {'classes' if kind != 'regress' else 'values'}
 {', '.join(names)} of talking-face video or speech audio like the training data. Not for decisions
 about people: emotion expressed in a recording is not the emotion felt, acted corpora differ from
 natural speech, and scores on other languages, recording conditions or populations than the
