@@ -84,6 +84,12 @@ def test_every_speaker_tested_once_and_model_beats_chance(trained):
     report = (tmp / "ft" / "report.md").read_text()
     assert "| pretrained | 100% | av | 4 |" in report and "±" in report
     assert (tmp / "ft" / "confusion_pretrained.png").read_bytes()[:4] == b"\x89PNG"
+    # every plot embedded, and each test speaker's score per variant
+    assert "![Confusion matrix: pretrained, 100% of the labels, every fold's test clips](confusion_pretrained.png)" in report
+    assert "## Per test speaker: UAR with 100% of the labels" in report
+    table = report[report.index("## Per test speaker"):].splitlines()
+    speakers = [line.split(" | ")[0].strip("| ") for line in table if line.startswith("| spk")]
+    assert len(speakers) == len(set(speakers)) == 4
 
 
 def test_epoch_is_selected_on_validation(trained):
@@ -163,6 +169,7 @@ def test_label_fractions_noise_and_distillation(trained, tmp_path):
     small = [u for u in r.units if "/frac0.2/" in u.unit]
     assert all(u.n_train < 6 for u in small)  # 20% of 12 training clips, at least one per class
     assert (tmp_path / "run" / "label_efficiency.png").exists()
+    assert "](label_efficiency.png)" in (tmp_path / "run" / "report.md").read_text()
     bad = make_store(tmp_path / "b.zarr", n_speakers=3)
     with pytest.raises(FinetuneError, match="noisy store"):
         finetune(store, cfg, tmp_path / "run2", mae=tmp / "pre" / "mae.pt", noisy_stores={5.0: bad})

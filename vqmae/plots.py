@@ -122,19 +122,30 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | Path, 
 
 
 def label_efficiency_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
-                         path: str | Path, metric: str) -> Path:
-    """Metric against the fraction of labelled training data (log x), one line with ± std error bars
-    per model: curves = {"pretrained": (fractions, means, stds), "scratch": (...)}."""
+                         path: str | Path, metric: str,
+                         bounds: tuple[float, float] | None = (0.0, 1.0)) -> Path:
+    """Metric against the share of labelled training data (log x, ticks at the measured shares in
+    %), one line with ± std error bars per model: curves = {"pretrained": (fractions, means, stds),
+    "scratch": (...)}. `bounds`: the metric's range; error bars stop there (None: unbounded)."""
     plt, fig, ax = _figure(figsize=(6, 4))
+    ticks: set[float] = set()
     for name, (fractions, means, stds) in curves.items():
         if not len(fractions) == len(means) == len(stds):
             raise ValueError(f"{path}: curve {name!r} has {len(fractions)} fractions, {len(means)} "
                              f"means and {len(stds)} stds")
-        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=name)
+        m, sd = np.asarray(means, float), np.asarray(stds, float)
+        lo, hi = (m - sd, m + sd) if bounds is None else (np.maximum(m - sd, bounds[0]),
+                                                          np.minimum(m + sd, bounds[1]))
+        ax.errorbar(fractions, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=name)
+        ticks.update(float(f) for f in fractions)
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of labelled training clips")
+    ax.set_xticks(sorted(ticks), [f"{100 * f:g}%" for f in sorted(ticks)])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    if bounds is not None:
+        ax.set_ylim(bounds[0], bounds[1] + 0.02)
+    ax.set_xlabel("labelled training clips (share of the fold's training set)")
     ax.set_ylabel(metric)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend()
     ax.set_title(f"label efficiency: {metric}")
     return _save(plt, fig, path)

@@ -56,7 +56,7 @@ from vqmae.checkpoint import check_resume, store_parents
 from vqmae.config import Config, FinetuneConfig, resolve_modalities
 from vqmae.noise import noisy_store
 from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, LINEAR, ClipWindows, FinetuneError, load_backbone
-from vqmae.stages.finetune.report import summarize, write_plots
+from vqmae.stages.finetune.report import per_speaker_lines, report_sections, summarize, write_plots
 from vqmae.stages.finetune.trainer import Trainer, Unit, UnitResult, jsonable
 from vqmae.store import TokenStore
 from vqmae.tasks import TASKS, Task, TaskError, build_task
@@ -119,8 +119,10 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
     summary, report = summarize(units, cfg, task, fold_list, run, bb)
     if info.main:
         atomic_write_json(run / "summary.json", jsonable(summary))
+        written = write_plots(units, cfg, task, run, summary)
+        report += report_sections(written, per_speaker_lines(units, cfg, task, run),
+                                  max(cfg.finetune.label_fractions))
         atomic_write_bytes(run / "report.md", report.encode())
-        write_plots(units, cfg, task, run, summary)
     if info.enabled:
         torch.distributed.barrier()
     return FinetuneResult(run, units, summary, report)

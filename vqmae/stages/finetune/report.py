@@ -3,6 +3,7 @@ summary dict and a markdown table, and the plots (confusion matrices, label effi
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,19 +70,14 @@ def _eval_order(ev: str) -> tuple[int, str]:
     return (EVAL_MODES.index(mode) if mode in EVAL_MODES else 9, noise)
 
 
-def write_plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path, summary) -> None:
-    """Confusion matrices (tasks with one class per clip) and the label-efficiency curve."""
+def write_plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path, summary
+                ) -> list[tuple[str, str]]:
+    """Confusion matrices (tasks with one class per clip) and the label-efficiency curve; returns
+    (title, file name) of each plot written, for the report."""
     from vqmae import plots  # matplotlib: loaded only when plots are drawn
 
+    written = []
     largest = max(cfg.finetune.label_fractions)
-    for variant in VARIANTS:
-        # each unit's first test mode: av (audio for the audio-only variants and backbones)
-        mats = [np.asarray(m["confusion"]) for u in units
-                if u.unit.startswith(f"{variant}/frac{largest:g}/") and u.metrics  # a skipped baseline has none
-                for m in [next(iter(u.metrics.values()))] if "confusion" in m]
-        if mats:
-            plots.confusion_png(np.sum(mats, 0), task.names, run / f"confusion_{variant}.png",
-                                f"{variant}: test clips of every fold")
     if len(cfg.finetune.label_fractions) > 1:
         key = task.curve_key
         ev = "av" if any(r["eval"] == "av" for r in summary["rows"]) else summary["rows"][0]["eval"]
@@ -90,4 +86,69 @@ def write_plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path,
             sel = sorted((r["fraction"], r[key]) for r in summary["rows"]
                          if r["variant"] == variant and r["eval"] == ev and r.get(key))
             curves[variant] = ([f for f, _ in sel], [s["mean"] for _, s in sel], [s["std"] for _, s in sel])
-        plots.label_efficiency_png(curves, run / "label_efficiency.png", key.upper())
+        bounds = (-1.0, 1.0) if "ccc" in key else (0.0, 1.0)
+        plots.label_efficiency_png(curves, run / "label_efficiency.png", key.upper(), bounds)
+        written.append((f"Label efficiency ({key.upper()}, {ev}, mean ± std over folds)", "label_efficiency.png"))
+    for variant in VARIANTS:
+        # each unit's first test mode: av (audio for the audio-only variants and backbones)
+        mats = [np.asarray(m["confusion"]) for u in units
+                if u.unit.startswith(f"{variant}/frac{largest:g}/") and u.metrics  # a skipped baseline has none
+                for m in [next(iter(u.metrics.values()))] if "confusion" in m]
+        if mats:
+            name = f"confusion_{variant}.png"
+            plots.confusion_png(np.sum(mats, 0), task.names, run / name, f"{variant}: test clips of every fold")
+            written.append((f"Confusion matrix: {variant}, {largest:.0%} of the labels, every fold's test clips",
+                            name))
+    return written
+
+
+def per_speaker_lines(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path) -> list[str]:
+    """Markdown: each test speaker's UAR per variant (the largest label fraction, each unit's first
+    test mode), read from the units' predictions.csv. Single-label classification only."""
+    if task.kind != "classify":
+        return []
+    largest = max(cfg.finetune.label_fractions)
+    table: dict[str, dict[str, float]] = {}
+    folds: dict[str, str] = {}
+    mode_of: dict[str, str] = {}
+    for u in units:
+        variant, frac, fold = u.unit.split("/")
+        path = run / "units" / u.unit / "predictions.csv"
+        if float(frac[4:]) != largest or not path.exists():
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            continue
+        mode = rows[0]["mode"]
+        mode_of[variant] = mode
+        by_speaker: dict[str, list[tuple[str, str]]] = {}
+        for r in rows:
+            if r["mode"] == mode:
+                by_speaker.setdefault(r["speaker"], []).append((r["target"], r["prediction"]))
+        for spk, pairs in by_speaker.items():
+            recalls = [np.mean([p == c for t, p in pairs if t == c]) for c in {t for t, _ in pairs}]
+            table.setdefault(spk, {})[variant] = float(np.mean(recalls))
+            folds[spk] = fold
+    variants = [v for v in VARIANTS if v in mode_of]
+    if not table:
+        return []
+    lines = ["| speaker | fold | " + " | ".join(f"{v} ({mode_of[v]})" for v in variants) + " |",
+             "|---|---|" + "---|" * len(variants)]
+    for spk in sorted(table, key=lambda x: (folds[x], x)):
+        cells = [f"{table[spk][v]:.3f}" if v in table[spk] else "" for v in variants]
+        lines.append(f"| {spk} | {folds[spk]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_sections(plots_written: Sequence[tuple[str, str]], speaker_lines: Sequence[str],
+                    largest: float) -> str:
+    """The report's plots (embedded) and per-speaker table, after the results table."""
+    out = []
+    for title, name in plots_written:
+        out += [f"## {title}", "", f"![{title}]({name})", ""]
+    if speaker_lines:
+        out += [f"## Per test speaker: UAR with {largest:.0%} of the labels", "",
+                "Each speaker is tested in one fold; the recall of each emotion it has, averaged.", "",
+                *speaker_lines, ""]
+    return "\n" + "\n".join(out) if out else ""
