@@ -62,9 +62,17 @@ def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
                                    "--out", str(tmp_path / "png"), "--windows", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
-        "step2_window0_audio.png", "step2_window0_audio_original.wav", "step2_window0_audio_predicted.wav",
-        "step2_window0_visual.png"]
-    for view in ("original", "predicted"):  # listenable: 16-bit mono at the tokenizer's rate, not silent
+        "step2_window0.mp4", "step2_window0_audio.png", "step2_window0_audio_masked.wav",
+        "step2_window0_audio_original.wav", "step2_window0_audio_predicted.wav", "step2_window0_visual.png"]
+    # the MP4: original | masked | predicted faces side by side, every frame, with the predicted sound
+    import decord
+
+    video = decord.VideoReader(str(tmp_path / "png" / "step2_window0.mp4"))
+    size = cfg.face.size
+    assert video[0].shape == (size, 3 * size, 3) and len(video) == round(cfg.mae.window_seconds * cfg.video.fps)
+    sound = decord.AudioReader(str(tmp_path / "png" / "step2_window0.mp4"), sample_rate=cfg.audio.sample_rate)
+    assert abs(sound.shape[1] / cfg.audio.sample_rate - cfg.mae.window_seconds) < 0.1
+    for view in ("original", "masked", "predicted"):  # listenable: 16-bit mono at the tokenizer's rate, not silent
         with wave.open(str(tmp_path / "png" / f"step2_window0_audio_{view}.wav")) as w:
             assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, cfg.audio.sample_rate)
             pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)

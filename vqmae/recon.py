@@ -1,6 +1,8 @@
 """What the masked-token model learned, made visible and audible: original / masked / predicted
 codes of a window decoded through the stage-1 tokenizers into PNG panels (spectrograms and face
-frames) and, for audio, WAV files (the decoded spectrograms through Griffin-Lim phase recovery).
+frames), for audio WAV files (the decoded spectrograms through Griffin-Lim phase recovery), and for
+an audiovisual window an MP4: the three face views side by side, frame by frame, with the
+predicted sound.
 
 The tokenizers are found through the store: `vqmae tokenize` records each tokenizer checkpoint's path
 beside its sha256, and `vqmae.checkpoint.store_tokenizers` only accepts a file whose sha256 matches the store's.
@@ -16,6 +18,7 @@ import torch
 
 from vqmae.audio import griffin_lim, wav_bytes
 from vqmae.config import AudioConfig
+from vqmae.media import mp4_bytes
 from vqmae.models.tokenizers import tensor_to_faces
 from vqmae.utils import atomic_write_bytes
 
@@ -53,13 +56,15 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
                 out_dir: str | Path, tag: str, sample: int = 0, n_frames: int = 8,
                 audio_cfg: AudioConfig | None = None) -> list[Path]:
     """Write `<tag>_audio.png` / `<tag>_visual.png` for one window of the batch and, given the
-    audio tokenizer's `audio_cfg`, `<tag>_audio_original.wav` / `<tag>_audio_predicted.wav`;
-    returns the paths."""
+    audio tokenizer's `audio_cfg`, `<tag>_audio_{original,masked,predicted}.wav` and (with both
+    modalities) `<tag>.mp4`; returns the paths."""
     from vqmae import plots  # matplotlib: loaded only when a panel is drawn
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    waves: dict[str, np.ndarray] = {}
+    faces: dict[str, np.ndarray] = {}
     for m, c in codes.items():
         if m not in tokenizers:
             continue
@@ -78,8 +83,12 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
                 ["original", "masked", "predicted"], out_dir / f"{tag}_audio.png",
                 f"audio tokens, {float(mask.float().mean()):.0%} masked"))
             if audio_cfg is not None:
-                for view in ("original", "predicted"):
-                    paths.append(_write_wav(views[view], audio_cfg, out_dir / f"{tag}_audio_{view}.wav"))
+                for view, power in (("original", views["original"]), ("masked", masked),
+                                    ("predicted", views["predicted"])):
+                    waves[view] = _wave(power, audio_cfg)
+                    path = out_dir / f"{tag}_audio_{view}.wav"
+                    atomic_write_bytes(path, wav_bytes(waves[view], audio_cfg.sample_rate))
+                    paths.append(path)
         else:
             frames = np.linspace(0, mask.shape[0] - 1, n_frames).round().astype(int)
             orig = tensor_to_faces(views["original"][frames])
@@ -91,13 +100,25 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
             paths.append(plots.image_rows([orig, masked, pred], ["original", "masked", "predicted"],
                                           out_dir / f"{tag}_visual.png",
                                           f"visual tokens, {float(mask.float().mean()):.0%} masked"))
+            every = mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+            all_orig = tensor_to_faces(views["original"])
+            faces = {"strip": np.concatenate([all_orig, np.where(every[..., None], 128, all_orig).astype(np.uint8),
+                                              tensor_to_faces(views["predicted"])], axis=2)}  # [T, S, 3S, 3]
+    if faces and "predicted" in waves and audio_cfg is not None:
+        path = out_dir / f"{tag}.mp4"
+        strip = faces["strip"]
+        seconds = codes["audio"]["original"].shape[1] / audio_cfg.frame_rate  # the window's length
+        fps = int(round(len(strip) / seconds))
+        n = int(round(seconds * audio_cfg.sample_rate))
+        sound = np.pad(waves["predicted"], (0, max(0, n - len(waves["predicted"]))))[:n]
+        atomic_write_bytes(path, mp4_bytes(strip, sound, audio_cfg.sample_rate, strip.shape[2], strip.shape[1], fps))
+        paths.append(path)
     return paths
 
 
-def _write_wav(power: torch.Tensor, cfg: AudioConfig, path: Path) -> Path:
-    """A decoded power spectrogram [T, F] as a listenable WAV: Griffin-Lim (seeded, so the same
+def _wave(power: torch.Tensor, cfg: AudioConfig) -> np.ndarray:
+    """A decoded power spectrogram [T, F] as a listenable wave: Griffin-Lim (seeded, so the same
     codes give the same file), peak-normalised to 0.9."""
     wave = griffin_lim(power, cfg).numpy()
     peak = float(abs(wave).max()) if wave.size else 0.0
-    atomic_write_bytes(path, wav_bytes(wave * (0.9 / peak) if peak > 0 else wave, cfg.sample_rate))
-    return path
+    return wave * (0.9 / peak) if peak > 0 else wave

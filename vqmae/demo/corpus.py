@@ -27,6 +27,7 @@ from vqmae.config import SynthConfig
 from vqmae.demo.face import FaceRenderer, head_motion
 from vqmae.demo.profiles import EMOTIONS, FPS, Emotion, Handle, _rng, make_speaker, speaker_name
 from vqmae.demo.voice import frame_energy, mouth_opening, synth_voice
+from vqmae.media import mp4_bytes as media_mp4_bytes
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -211,29 +212,7 @@ def render_frames(cfg: SynthConfig, spec: ClipSpec, clip: Clip):
 
 def mp4_bytes(frames, audio: np.ndarray, rate: int, size: int) -> bytes:
     """H.264 yuv420p at 25 fps plus AAC mono.  frames: iterable of [S, S, 3] uint8; audio: [n]"""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as box:
-        # threads=1: x264 output then depends on nothing but the frames (reproducible corpus).
-        video = box.add_stream("libx264", rate=FPS, options={"preset": "superfast", "crf": "18", "threads": "1"})
-        video.width = video.height = size
-        video.pix_fmt = "yuv420p"
-        # The fast AAC coder: 3x quicker than twoloop and closer to the source on this voice (55 dB SNR).
-        sound = box.add_stream("aac", rate=rate, layout="mono", options={"aac_coder": "fast"})
-        sound.bit_rate = 64000
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            box.mux(video.encode(frame))
-        box.mux(video.encode())
-        pcm = audio.astype(np.float32)
-        for k in range(0, len(pcm), 1024):
-            chunk = av.AudioFrame.from_ndarray(pcm[None, k:k + 1024], format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = rate, k
-            box.mux(sound.encode(chunk))
-        box.mux(sound.encode())
-    return buf.getvalue()
+    return media_mp4_bytes(frames, audio, rate, size, size, FPS)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
