@@ -93,6 +93,8 @@ def test_batch_lists_failures_and_keeps_going(media_dir, face_video):
     assert got["a"][0].spec.shape == (25, 513)
     failure = got["corrupt"][1]
     assert failure.path == str(bad) and failure.stage == "video" and "corrupt" in failure.reason
+    # FFmpeg's own log line, captured in the worker, becomes one line of the reason
+    assert failure.reason.endswith("(decoder: no moov atom: the mp4 is truncated or was never finalised)")
 
 
 def test_cli_ingest_reports(tmp_path, media_dir, face_video):

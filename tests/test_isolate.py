@@ -54,3 +54,22 @@ def test_slow_consumer_never_turns_a_finished_item_into_a_timeout():
         if o.index == 0:
             time.sleep(3)  # the other item finishes meanwhile, well inside its timeout
     assert got[0].ok and got[1].ok, got[1].error
+
+
+def native_noise(x):
+    """Writes to fd 2 below Python (as FFmpeg inside decord does), and to sys.stderr, then acts."""
+    import sys
+
+    os.write(2, f"[mov @ 0x1] native line for {x}\n".encode())
+    print(f"python line for {x}", file=sys.stderr)
+    return square_or_die(x)
+
+
+def test_native_stderr_is_captured_per_item_and_python_stderr_still_shows(capfd):
+    out = by_index(isolated_map(native_noise, [2, "raise", "segv", 5], workers=1, context="fork"))
+    assert out[0].value == 4 and out[3].value == 25
+    assert out[1].log == "[mov @ 0x1] native line for raise\n"  # this item's lines only
+    assert out[2].crashed and "native line for segv" in out[2].log
+    err = capfd.readouterr().err
+    assert "native line" not in err  # not on the terminal
+    assert "python line for 2" in err and "python line for raise" in err

@@ -131,6 +131,14 @@ def test_decoder_internals_become_reasons():
     assert plain_reason("Check failed: st_nb >= 0 (-1381258232 vs. 0) ERROR cannot find video stream") == \
         "no video stream in the file"
     assert "corrupt or truncated" in plain_reason("av_read_frame failed with 1094995529")
+    from vqmae.media import decoder_note
+
+    assert decoder_note("[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0] moov atom not found\n") == \
+        "no moov atom: the mp4 is truncated or was never finalised"
+    assert decoder_note("[h264 @ 0x1] Invalid NAL unit size (12 > 3).\n[h264 @ 0x1] Error splitting\n") == \
+        "damaged video frames"
+    assert decoder_note("") == decoder_note("\n  \n") == ""
+    assert decoder_note("[x @ 0x2] something new\n") == "something new"
     assert plain_reason("Check failed: x == y").startswith("unsupported or damaged stream")
     assert plain_reason("some other reason") == "some other reason"
 

@@ -25,7 +25,7 @@ from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
 from vqmae.isolate import Outcome, isolated_map
-from vqmae.media import NO_VIDEO_STREAM, MediaError, iter_video, read_audio
+from vqmae.media import NO_VIDEO_STREAM, MediaError, decoder_note, iter_video, read_audio
 
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,17 @@ class Failure:
 
     @classmethod
     def from_outcome(cls, o: Outcome) -> "Failure":
+        """The failure of an ingest outcome; what the decoder wrote to stderr meanwhile (FFmpeg's
+        log, captured by the worker) is added to a decoding failure's reason as one line."""
         clip: ClipInfo = o.item.clip
         if isinstance(o.exception, ClipError):
-            return cls(o.exception.path, o.exception.stage, o.exception.reason, clip.clip_id)
-        stage = "decode" if o.crashed else "load"
-        return cls(clip.path, stage, o.error, clip.clip_id)
+            path, stage, reason = o.exception.path, o.exception.stage, o.exception.reason
+        else:
+            path, stage, reason = clip.path, "decode" if o.crashed else "load", o.error
+        note = decoder_note(o.log) if stage in ("audio", "video", "decode", "load") else ""
+        if note and note not in reason:
+            reason = f"{reason} (decoder: {note})"
+        return cls(path, stage, reason, clip.clip_id)
 
 
 def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,

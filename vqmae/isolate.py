@@ -4,6 +4,12 @@ decord (unmaintained since 2021) can segfault on some corrupt files. `isolated_m
 one item at a time over its own pipe, so when a worker dies the parent knows exactly which file killed
 it, records that file as failed ("decoder crashed: killed by SIGSEGV"), starts a fresh worker and goes
 on. A per-item timeout catches decoders that hang.
+
+What native code writes to the process's stderr (FFmpeg's log lines inside decord) would otherwise
+reach the user's terminal before, and apart from, the failure it explains. Each worker points file
+descriptor 2 at a log file of its own (Python's `sys.stderr`, and so the log records, still go to the
+terminal); the file is emptied before each item, and a failed item's `Outcome.log` holds what the
+decoder said about it, even when it crashed.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from __future__ import annotations
 import faulthandler
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -31,15 +40,27 @@ class Outcome:
     error: str = ""  # why it failed when not ok
     exception: BaseException | None = None
     crashed: bool = False  # the worker died or hung on this item (it was replaced)
+    log: str = ""  # what native code wrote to stderr during the item (failed items, workers only)
 
 
 def _describe(e: BaseException) -> str:
     return str(e) if str(e) else type(e).__name__
 
 
-def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple) -> None:
+def _capture_native_stderr(log_path: str) -> int:
+    """Point fd 2 at `log_path`; keep Python's sys.stderr on the original stream. Returns the fd."""
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    fd = os.open(log_path, os.O_WRONLY | os.O_TRUNC)
+    os.dup2(fd, 2)
+    return fd
+
+
+def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple,
+            log_path: str | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     faulthandler.disable()  # a crash is reported by the parent, naming the file; no C traceback spam
+    log_fd = _capture_native_stderr(log_path) if log_path else None
     if initializer is not None:
         initializer(*initargs)
     while True:
@@ -47,6 +68,9 @@ def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple) -
         if task is None:
             return
         index, item = task
+        if log_fd is not None:  # this item's log only
+            os.ftruncate(2, 0)
+            os.lseek(2, 0, os.SEEK_SET)
         try:
             conn.send((index, True, fn(item), None))
         except Exception as e:  # noqa: BLE001 - any failure of one item is reported, not fatal
@@ -60,7 +84,10 @@ def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple) -
 class _Slot:
     def __init__(self, ctx, fn, initializer, initargs):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(fn, child, initializer, initargs), daemon=True)
+        fd, self.log_path = tempfile.mkstemp(prefix="vqmae-worker-", suffix=".log")
+        os.close(fd)
+        self.proc = ctx.Process(target=_worker, args=(fn, child, initializer, initargs, self.log_path),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.task: tuple[int, Any] | None = None
@@ -84,6 +111,19 @@ class _Slot:
             self.proc.kill()
             self.proc.join()
         self.conn.close()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+    def log(self) -> str:
+        """What the worker's native code wrote to stderr during its current item (last 4 kB)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return ""
+        return data[-4096:].decode("utf-8", errors="replace")
 
 
 def _crash_reason(exitcode: int | None) -> str:
@@ -164,12 +204,14 @@ def _collect(slot: _Slot, ready: list, timeout: float | None) -> Outcome | None:
             slot.task = None
             if ok:
                 return Outcome(index, item, True, value)
-            return Outcome(index, item, False, error=_describe(exc), exception=exc)
+            return Outcome(index, item, False, error=_describe(exc), exception=exc, log=slot.log())
     if slot.proc.sentinel in ready or not slot.proc.is_alive():
         slot.proc.join(timeout=1)
         slot.task = None
-        return Outcome(index, item, False, error=_crash_reason(slot.proc.exitcode), crashed=True)
+        return Outcome(index, item, False, error=_crash_reason(slot.proc.exitcode), crashed=True,
+                       log=slot.log())
     if timeout is not None and time.monotonic() - slot.since > timeout:
         slot.task = None
-        return Outcome(index, item, False, error=f"timed out after {timeout:g} s", crashed=True)
+        return Outcome(index, item, False, error=f"timed out after {timeout:g} s", crashed=True,
+                       log=slot.log())
     return None

@@ -55,6 +55,41 @@ def plain_reason(text: str) -> str:
     return text
 
 
+# What FFmpeg's log lines mean, in words (first match wins; a line's "[demuxer @ 0x…]" prefix is dropped).
+_DECODER_SAYS = (
+    ("moov atom not found", "no moov atom: the mp4 is truncated or was never finalised"),
+    ("invalid data found when processing input", "invalid data: corrupt, or not a media file"),
+    ("could not find codec parameters", "stream parameters unreadable (corrupt or truncated)"),
+    ("decoder not found", "unsupported codec"),
+    ("unsupported codec", "unsupported codec"),
+    ("truncat", "truncated data"),
+    ("partial file", "truncated data"),
+    ("end of file", "the file ends early"),
+    ("error while decoding", "damaged frames"),
+    ("invalid nal unit", "damaged video frames"),
+    ("no frame", "damaged video frames"),
+)
+
+
+def decoder_note(log: str) -> str:
+    """A decoder's stderr (FFmpeg log lines) → one line a user can act on ('' when it says nothing
+    useful): the meaning of the first known message, else its last line."""
+    lines = []
+    for raw in log.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and "] " in line:
+            line = line.split("] ", 1)[1].strip()
+        if line and not line.lower().startswith(("warning", "info")):
+            lines.append(line)
+    if not lines:
+        return ""
+    low = [x.lower() for x in lines]
+    for key, meaning in _DECODER_SAYS:
+        if any(key in x for x in low):
+            return meaning
+    return lines[-1][:160]
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise MediaError(path, "file does not exist")
