@@ -87,6 +87,11 @@ def test_every_speaker_tested_once_and_model_beats_chance(trained):
     # every plot embedded, and each test speaker's score per variant
     assert "![Confusion matrix: pretrained, 100% of the labels, every fold's test clips](confusion_pretrained.png)" in report
     assert "## Per test speaker: UAR with 100% of the labels" in report
+    # av / audio / visual on the same (talking-face) clips, next to the main table's rows
+    paired = {r["variant"]: r for r in result.summary["paired"]}
+    assert set(paired) == {"pretrained", "scratch"} and paired["pretrained"]["visual"]["n"] == 4
+    assert paired["pretrained"]["visual"]["mean"] == pytest.approx(rows[("pretrained", "visual")]["uar"]["mean"])
+    assert "## Audiovisual against each modality alone, on the same clips" in report
     table = report[report.index("## Per test speaker"):].splitlines()
     speakers = [line.split(" | ")[0].strip("| ") for line in table if line.startswith("| spk")]
     assert len(speakers) == len(set(speakers)) == 4

@@ -56,7 +56,8 @@ from vqmae.checkpoint import check_resume, store_parents
 from vqmae.config import Config, FinetuneConfig, resolve_modalities
 from vqmae.noise import noisy_store
 from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, LINEAR, ClipWindows, FinetuneError, load_backbone
-from vqmae.stages.finetune.report import per_speaker_lines, report_sections, summarize, write_plots
+from vqmae.stages.finetune.report import (paired_lines, paired_modalities, per_speaker_lines, report_sections,
+                                          summarize, write_plots)
 from vqmae.stages.finetune.trainer import Trainer, Unit, UnitResult, jsonable
 from vqmae.store import TokenStore
 from vqmae.tasks import TASKS, Task, TaskError, build_task
@@ -118,10 +119,11 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
     units = _run_units(trainer, fold_list, cfg, task)
     summary, report = summarize(units, cfg, task, fold_list, run, bb)
     if info.main:
+        summary["paired"] = paired_modalities(units, cfg, task, run)
         atomic_write_json(run / "summary.json", jsonable(summary))
         written = write_plots(units, cfg, task, run, summary)
         report += report_sections(written, per_speaker_lines(units, cfg, task, run),
-                                  max(cfg.finetune.label_fractions))
+                                  max(cfg.finetune.label_fractions), paired_lines(summary["paired"]))
         atomic_write_bytes(run / "report.md", report.encode())
     if info.enabled:
         torch.distributed.barrier()

@@ -141,10 +141,59 @@ def per_speaker_lines(units: Sequence[UnitResult], cfg: Config, task: Task, run:
     return lines
 
 
-def report_sections(plots_written: Sequence[tuple[str, str]], speaker_lines: Sequence[str],
-                    largest: float) -> str:
-    """The report's plots (embedded) and per-speaker table, after the results table."""
+def paired_modalities(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path
+                      ) -> list[dict[str, Any]]:
+    """UAR of each test modality on the same clips: those scored in every mode (the talking-face
+    clips; audio-only clips are scored in av and audio mode only, so the `av` row of the main table
+    mixes them in). Per variant with all three modes, the largest label fraction; mean ± std over
+    folds, from the units' predictions.csv. Single-label classification only."""
+    if task.kind != "classify":
+        return []
+    largest = max(cfg.finetune.label_fractions)
+    per: dict[tuple[str, str], list[float]] = {}
+    for u in units:
+        variant, frac, _ = u.unit.split("/")
+        path = run / "units" / u.unit / "predictions.csv"
+        if float(frac[4:]) != largest or not path.exists():
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        modes = {r["mode"] for r in rows}
+        if not {"av", "audio", "visual"} <= modes:
+            continue
+        both = {r["clip_id"] for r in rows if r["mode"] == "visual"} & {r["clip_id"] for r in rows if r["mode"] == "audio"}
+        for mode in ("av", "audio", "visual"):
+            sel = [(r["target"], r["prediction"]) for r in rows if r["mode"] == mode and r["clip_id"] in both]
+            if sel:
+                classes = sorted({t for t, _ in sel})
+                per.setdefault((variant, mode), []).append(
+                    float(np.mean([np.mean([p == c for t, p in sel if t == c]) for c in classes])))
     out = []
+    for variant in VARIANTS:
+        if all((variant, m) in per for m in ("av", "audio", "visual")):
+            out.append({"variant": variant, "fraction": largest, **{  # mean ± sample std, as every table
+                m: M.aggregate([{"uar": v} for v in per[(variant, m)]])["uar"] for m in ("av", "audio", "visual")}})
+    return out
+
+
+def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Audiovisual against each modality alone, on the same clips", "",
+             f"UAR with {rows[0]['fraction']:.0%} of the labels on the clips that have both a face and a "
+             "voice (mean ± std over folds): the fair comparison of the three test modes.", "",
+             "| variant | av | audio | visual |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(M.format_mean_std(r[m]) for m in ("av", "audio", "visual"))
+                     + " |")
+    return lines + [""]
+
+
+def report_sections(plots_written: Sequence[tuple[str, str]], speaker_lines: Sequence[str],
+                    largest: float, paired: Sequence[str] = ()) -> str:
+    """The report's paired-modality table, plots (embedded) and per-speaker table, after the
+    results table."""
+    out = list(paired)
     for title, name in plots_written:
         out += [f"## {title}", "", f"![{title}]({name})", ""]
     if speaker_lines:
