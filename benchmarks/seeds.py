@@ -14,17 +14,25 @@ It prints, and writes to RUN/seeds.md and RUN/seeds.json:
   the mean fold std, and each seed's fold mean ± std;
 * the pretraining margin per seed (held-out masked-token accuracy minus the unigram baseline);
 * in how many seeds the pretrained transformer beats scratch by more than the fold spread (the
-  larger of the two fold stds) at each label fraction.
+  larger of the two fold stds) at each label fraction;
+* for audiovisual stores, each variant's av / audio / visual UAR on the same talking-face clips
+  (the report's paired table) per seed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
+# library's (numpy imports it): drop it before importing anything else.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
 
 
 def run_seed(args: argparse.Namespace, seed: int, sets: list[str]) -> dict:
@@ -39,7 +47,22 @@ def run_seed(args: argparse.Namespace, seed: int, sets: list[str]) -> dict:
                         "--run", str(root / "finetune"), "--folds", str(args.folds),
                         "--label-fraction", args.label_fraction, *common], check=True)
     pre = json.loads((root / "pretrain" / "summary.json").read_text())
-    return {"finetune": json.loads(summary.read_text()), "pretrain": pre}
+    ft = json.loads(summary.read_text())
+    if "paired" not in ft:  # a run made before the report had the table: computed from its files
+        ft["paired"] = _paired(root / "finetune", ft)
+    return {"finetune": ft, "pretrain": pre}
+
+
+def _paired(run: Path, summary: dict) -> list:
+    from types import SimpleNamespace
+
+    from vqmae.config import Config
+    from vqmae.stages.finetune.report import paired_modalities
+    from vqmae.tasks import task_from_dict
+
+    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+    units = [SimpleNamespace(unit=u["unit"]) for u in summary["units"]]
+    return paired_modalities(units, cfg, task_from_dict(summary["task"]), run)
 
 
 def margins(pretrain_summary: dict) -> dict[str, float]:
@@ -76,6 +99,19 @@ def tabulate(results: dict[int, dict]) -> tuple[list[dict], list[str]]:
     for s in seeds:
         lines.append(f"- seed {s}: pretraining margin over the unigram "
                      + ", ".join(f"{m} {v:+.3f}" for m, v in margins(results[s]["pretrain"]).items()))
+    paired = {s: {r["variant"]: r for r in results[s]["finetune"].get("paired", [])} for s in seeds}
+    variants = [v for v in ("pretrained", "probe", "scratch", "tokens") if all(v in paired[s] for s in seeds)]
+    if variants:
+        lines += ["", "Audiovisual against each modality alone, on the same talking-face clips (UAR, mean over "
+                  "seeds of the fold means; each seed's av / audio / visual):", "",
+                  "| variant | av | audio | visual | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|---|---|---|" + "---|" * len(seeds)]
+        for v in variants:
+            means = {m: statistics.fmean(paired[s][v][m]["mean"] for s in seeds) for m in ("av", "audio", "visual")}
+            lines.append(f"| {v} | {means['av']:.3f} | {means['audio']:.3f} | {means['visual']:.3f} | " + " | ".join(
+                " / ".join(f"{paired[s][v][m]['mean']:.3f} ± {paired[s][v][m]['std']:.3f}" for m in ("av", "audio", "visual"))
+                for s in seeds) + " |")
+        lines.append("")
     for frac in sorted({r["fraction"] for r in rows if r["fraction"] is not None}):
         for ev in sorted({r["eval"] for r in rows}):
             pre = next((r for r in rows if (r["variant"], r["fraction"], r["eval"]) == ("pretrained", frac, ev)),
