@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -39,8 +40,8 @@ def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "ERROR opening:" in text:
         text = text.split("ERROR opening:", 1)[1].split(",", 1)[-1].strip()
-    elif "] " in text and text.startswith("["):
-        text = text.split(": ", 1)[-1]
+    else:  # "[09:33:48] /src/…/decoder.cc:292: " prefixes, possibly nested
+        text = re.sub(r"^(\[[0-9:]+\]\s+\S+:\d+:\s*)+", "", text)
     return plain_reason(text)
 
 
@@ -48,6 +49,10 @@ def plain_reason(text: str) -> str:
     """Decoder internals (C++ assertion text, FFmpeg error numbers) → the reason in words."""
     if "st_nb >= 0" in text or "cannot find video stream" in text.lower():
         return NO_VIDEO_STREAM
+    if "avcodec_send_packet" in text:
+        return "damaged or undecodable frames (the decoder refused a packet)"
+    if text.startswith("Error reading"):
+        return "not a readable media file (corrupt, truncated or without samples)"
     if "av_read_frame failed" in text or "AVERROR" in text:
         return "corrupt or truncated data (the demuxer could not read a packet)"
     if text.startswith("Check failed"):
@@ -148,7 +153,7 @@ def _open_video(path: Path, max_side: int):
 
 def _open_failure(e: Exception) -> str:
     reason = _first_line(e)
-    if reason.startswith("Error reading"):  # decord hides FFmpeg's reason in its own log
+    if reason.startswith("not a readable media file"):  # decord hides FFmpeg's reason in its log
         return "cannot open video: not a readable media container (corrupt, truncated or unsupported)"
     return f"cannot open video ({reason})"
 

@@ -105,6 +105,8 @@ def _csv_media_problem(path: Path, where: str) -> str | None:
         if e.errno == errno.ENOENT and not os.path.islink(path):
             return f"listed at {where} but does not exist"
         return f"listed at {where} but {_entry_error(e, os.path.islink(path))}"
+    if path.is_dir():
+        return f"listed at {where} but is a directory, not a media file"
     if not path.is_file():
         return f"listed at {where} but is not a file"
     if _ext(path.name) not in MEDIA_EXTS:
