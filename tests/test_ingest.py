@@ -140,3 +140,38 @@ def test_clip_timeout_comes_from_the_config(monkeypatch, tmp_path):
     list(ingest(c, load_config("tiny", ["video.clip_timeout_s=0"])))
     list(ingest(c, CFG, timeout=5.0))
     assert seen == [3600.0, None, 5.0]
+
+
+def test_long_clip_crops_spill_to_disk_and_read_back_equal(face_video, monkeypatch, tmp_path):
+    """Crops beyond SPILL_BYTES go to a temporary file as they are made: read back by slices,
+    ints and index arrays they equal the in-memory crops; the process that unpickles it owns and
+    deletes the file, the one that pickled it no longer does."""
+    import os
+    import pickle
+
+    from vqmae.framepool import FramePool
+    from vqmae.ingest import FrameSpill
+    from vqmae.models.tokenizers import build_tokenizer, encode_frames
+
+    info = clip(face_video)
+    in_memory = load_clip(info, CFG).faces
+    monkeypatch.setattr(ingest_mod, "SPILL_BYTES", 1)
+    spilled = load_clip(info, CFG).faces
+    assert isinstance(spilled, FrameSpill) and os.path.getsize(spilled.path) == in_memory.nbytes
+    assert len(spilled) == len(in_memory) and spilled.shape == in_memory.shape
+    np.testing.assert_array_equal(spilled[3:17], in_memory[3:17])
+    np.testing.assert_array_equal(spilled[-1], in_memory[-1])
+    np.testing.assert_array_equal(spilled[np.array([5, 0, 5])], in_memory[[5, 0, 5]])
+    model = build_tokenizer("visual_vqvae", load_config("tiny", ["visual_vq.channels=8"]))
+    np.testing.assert_array_equal(encode_frames(model, "visual", spilled, "cpu", batch=7),
+                                  encode_frames(model, "visual", in_memory, "cpu", batch=7))
+    a, b = FramePool(64, (96, 96, 3), np.uint8, seed=0), FramePool(64, (96, 96, 3), np.uint8, seed=0)
+    a.add(spilled), b.add(in_memory)
+    assert a.filled == b.filled == len(in_memory)
+    np.testing.assert_array_equal(a.frames[:a.filled], b.frames[:b.filled])
+    received = pickle.loads(pickle.dumps(spilled))  # what a worker's result does on its way
+    path = spilled.path
+    del spilled  # the sender's copy no longer owns the file
+    assert os.path.exists(path)
+    del received  # the receiver's copy deletes it
+    assert not os.path.exists(path)

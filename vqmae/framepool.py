@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 
+BLOCK = 4096  # frames read at a time from frames held on disk
+
+
 class FramePool:
     """A uniform sample of at most `capacity` frames of shape `frame_shape` and `dtype`."""
 
@@ -27,7 +30,15 @@ class FramePool:
 
     def add(self, frames: np.ndarray, clip: int = -1) -> None:
         """Offer every frame of one clip ([n, *frame_shape]); each frame ever offered ends up in the
-        pool with equal probability capacity / seen."""
+        pool with equal probability capacity / seen. Frames that are not an array (a long clip's
+        `vqmae.ingest.FrameSpill` on disk) are offered in blocks, never read whole."""
+        if not isinstance(frames, np.ndarray):
+            for lo in range(0, len(frames), BLOCK):
+                self._add(frames[lo:lo + BLOCK], clip)
+            return
+        self._add(frames, clip)
+
+    def _add(self, frames: np.ndarray, clip: int) -> None:
         n = len(frames)
         room = min(n, self.capacity - self.filled)
         if room:

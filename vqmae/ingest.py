@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +36,75 @@ MODALITIES = ("audio", "visual")
 # Decoded frames kept between the face-detection pass and the crop pass; longer videos are decoded
 # twice instead, so memory stays bounded whatever the file's length.
 FRAME_BUFFER_BYTES = 256 << 20
+# Face crops beyond this size are written to a temporary file as they are made (`FrameSpill`) instead
+# of being held in memory: a long clip's crops (an hour at 25 fps is 2.5 GB) never sit in RAM, in the
+# decoding worker or in the process that encodes them.
+SPILL_BYTES = 128 << 20
+
+
+class FrameSpill:
+    """uint8 frames `[n, *shape]` in a temporary file, read back in slices: ``len()``, an int, a
+    slice or an index array give numpy arrays, so `encode_frames` and the frame pools take it like an
+    array. The process that unpickled it (the one consuming a worker's result) owns the file and
+    deletes it when the object goes; a worker that sends one disowns it."""
+
+    def __init__(self, shape: tuple[int, ...], directory: str | None = None):
+        fd, self.path = tempfile.mkstemp(prefix="vqmae-frames-", suffix=".u8", dir=directory)
+        self._file = os.fdopen(fd, "wb")
+        self.frame_shape, self.n = tuple(shape), 0
+        self.owner: int | None = os.getpid()
+
+    def append(self, frames: np.ndarray) -> None:
+        assert frames.dtype == np.uint8 and frames.shape[1:] == self.frame_shape, frames.shape
+        self._file.write(np.ascontiguousarray(frames).tobytes())
+        self.n += len(frames)
+
+    def close(self) -> "FrameSpill":
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n, *self.frame_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * int(np.prod(self.frame_shape))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key) -> np.ndarray:
+        size = int(np.prod(self.frame_shape))
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.n)
+            count = max(0, hi - lo)
+            out = np.fromfile(self.path, np.uint8, count=count * size, offset=lo * size)
+            return out.reshape(count, *self.frame_shape)[::step]
+        if isinstance(key, (int, np.integer)):
+            return self[int(key) % self.n: int(key) % self.n + 1][0]
+        view = np.memmap(self.path, np.uint8, "r", shape=self.shape)
+        return np.array(view[np.asarray(key)])
+
+    def __getstate__(self) -> dict:
+        self.close()
+        state = {**self.__dict__, "_file": None}
+        self.owner = None  # sent to another process: that one deletes the file
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.owner = os.getpid()
+
+    def __del__(self) -> None:
+        if getattr(self, "owner", None) == os.getpid():
+            self.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 class ClipError(MediaError):
@@ -52,7 +123,7 @@ class ClipError(MediaError):
 class ClipData:
     clip: ClipInfo
     spec: np.ndarray | None = None  # float32 [Ta, n_bins] power; Ta = 2 × Tv when there is video
-    faces: np.ndarray | None = None  # uint8 [Tv, S, S, 3] RGB crops
+    faces: np.ndarray | FrameSpill | None = None  # uint8 [Tv, S, S, 3] RGB crops (a long clip's on disk)
     face_rate: float = math.nan  # fraction of frames where a face was detected (NaN: no video)
     n_video_frames: int = 0
     n_audio_frames: int = 0
@@ -156,7 +227,7 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None, *,
     return spec, offset
 
 
-def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray, float]:
+def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]:
     cropper = get_cropper(cfg)
     cropper.reset()  # the cropper tracks boxes across calls: start each clip afresh
     frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side)  # noqa: E731
@@ -169,15 +240,18 @@ def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray, float]:
             if kept is not None:
                 kept = kept + [chunk] if size <= FRAME_BUFFER_BYTES else None
         track, detected = cropper.track(np.concatenate(boxes))
+        size = cfg.face.size
+        spill = FrameSpill((size, size, 3)) if len(track) * size * size * 3 > SPILL_BYTES else None
         crops, lo = [], 0
         for chunk in (kept if kept is not None else frames()):  # pass 2: crops
-            crops.append(cropper.extract(chunk, track[lo:lo + len(chunk)]))
+            crop = cropper.extract(chunk, track[lo:lo + len(chunk)])
+            spill.append(crop) if spill is not None else crops.append(crop)
             lo += len(chunk)
     except MediaError as e:
         raise ClipError(e.path, "video", e.reason) from None
     except NoFaceError as e:
         raise ClipError(path, "faces", str(e)) from None
-    return np.concatenate(crops), float(np.mean(detected))
+    return (spill.close() if spill is not None else np.concatenate(crops)), float(np.mean(detected))
 
 
 # -- many clips --------------------------------------------------------------------------------
