@@ -6,7 +6,8 @@ where the time of one clip goes, and clips per second over a folder.
 
 1. **Cold command**: ``vqmae predict CLIP --model M`` in a fresh process, wall time from the shell
    (interpreter start, imports, model and tokenizer load, decode, faces, tokenize, model, output);
-   median of `repeats`. Also ``vqmae --help`` (the start-up floor).
+   median of `repeats`; again with ``--workers 0`` (no decoding worker process to start). Also
+   ``vqmae --help`` (the start-up floor).
 2. **One clip, in process**, after `Predictor.load`: the time of each step of that clip, measured
    separately: load (`Predictor.load`), decode (video frames and audio, no face detection), faces
    (decode + crop minus decode), tokenize (both encoders), model (the classifier on the codes).
@@ -129,13 +130,16 @@ def main() -> None:
         help_s = cold_command(["--help"], args.repeats)
         cold = cold_command(["predict", str(clip), "--model", str(args.model), "--device", args.device],
                             args.repeats)
+        cold0 = cold_command(["predict", str(clip), "--model", str(args.model), "--device", args.device,
+                              "--workers", "0"], args.repeats)
         steps = one_clip(args.model, clip, args.device, args.repeats)
     n, seconds = batch(args.model, args.corpus, args.device)
     print(f"load average before: {load:.2f}; torch threads: default; device {args.device}")
     print("| measurement | seconds |")
     print("|---|---|")
     print(f"| `vqmae --help`, fresh process | {help_s:.2f} |")
-    print(f"| `vqmae predict` one 3-s clip, fresh process (everything) | {cold:.2f} |")
+    print(f"| `vqmae predict` one 3-s clip, fresh process (everything; decoding in a worker process) | {cold:.2f} |")
+    print(f"| the same with `--workers 0` (decoding in the command's own process, no crash isolation) | {cold0:.2f} |")
     for k in ("load", "decode", "faces", "tokenize", "model", "predict_call"):
         label = {"load": "in process: Predictor.load (classifier + tokenizers)",
                  "decode": "in process: decode video frames and audio",
