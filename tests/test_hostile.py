@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,16 @@ def _wav_raw(path: Path, data: np.ndarray, rate: int, fmt_tag: int, bits: int) -
     return path
 
 
+def _encode_frames(out, stream, frames) -> None:
+    import av
+
+    for rgb in frames:
+        for p in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            out.mux(p)
+    for p in stream.encode():
+        out.mux(p)
+
+
 def _avi_mpeg4(path: Path) -> Path:
     """MPEG-4 Part 2 video + AC-3 stereo in AVI, the combination of OpenCV's sample films."""
     import av
@@ -39,12 +48,7 @@ def _avi_mpeg4(path: Path) -> Path:
         v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
         a = out.add_stream("ac3", rate=48000)
         a.layout = "stereo"
-        for k in range(24):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 9 * k % 256, np.uint8), format="rgb24")
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+        _encode_frames(out, v, [np.full((48, 64, 3), 9 * k % 256, np.uint8) for k in range(24)])
         t = np.arange(48000) / 48000
         x = np.repeat((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None], 2, 0)
         af = av.AudioFrame.from_ndarray(x, format="fltp", layout="stereo")
@@ -133,12 +137,7 @@ def _hevc(path: Path) -> Path:
         v = out.add_stream("libx265", rate=25, options={"x265-params": "log-level=none"})
         v.width = v.height = 64
         v.pix_fmt = "yuv420p"
-        for k in range(25):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 7 * k % 256, np.uint8), format="rgb24")
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+        _encode_frames(out, v, [np.full((64, 64, 3), 7 * k % 256, np.uint8) for k in range(25)])
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -102,24 +102,35 @@ def write_plots(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path,
     return written
 
 
+def _full_label_predictions(units: Sequence[UnitResult], cfg: Config, run: Path
+                            ) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """(variant, fold, rows of predictions.csv) of every unit at the largest label fraction."""
+    largest = max(cfg.finetune.label_fractions)
+    for u in units:
+        variant, frac, fold = u.unit.split("/")
+        path = run / "units" / u.unit / "predictions.csv"
+        if float(frac[4:]) == largest and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                yield variant, fold, rows
+
+
+def _uar(pairs: Sequence[tuple[str, str]]) -> float:
+    """(target, prediction) pairs → the mean recall over the targets present."""
+    classes = sorted({t for t, _ in pairs})
+    return float(np.mean([np.mean([p == c for t, p in pairs if t == c]) for c in classes]))
+
+
 def per_speaker_lines(units: Sequence[UnitResult], cfg: Config, task: Task, run: Path) -> list[str]:
     """Markdown: each test speaker's UAR per variant (the largest label fraction, each unit's first
     test mode), read from the units' predictions.csv. Single-label classification only."""
     if task.kind != "classify":
         return []
-    largest = max(cfg.finetune.label_fractions)
     table: dict[str, dict[str, float]] = {}
     folds: dict[str, str] = {}
     mode_of: dict[str, str] = {}
-    for u in units:
-        variant, frac, fold = u.unit.split("/")
-        path = run / "units" / u.unit / "predictions.csv"
-        if float(frac[4:]) != largest or not path.exists():
-            continue
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            continue
+    for variant, fold, rows in _full_label_predictions(units, cfg, run):
         mode = rows[0]["mode"]
         mode_of[variant] = mode
         by_speaker: dict[str, list[tuple[str, str]]] = {}
@@ -127,8 +138,7 @@ def per_speaker_lines(units: Sequence[UnitResult], cfg: Config, task: Task, run:
             if r["mode"] == mode:
                 by_speaker.setdefault(r["speaker"], []).append((r["target"], r["prediction"]))
         for spk, pairs in by_speaker.items():
-            recalls = [np.mean([p == c for t, p in pairs if t == c]) for c in {t for t, _ in pairs}]
-            table.setdefault(spk, {})[variant] = float(np.mean(recalls))
+            table.setdefault(spk, {})[variant] = _uar(pairs)
             folds[spk] = fold
     variants = [v for v in VARIANTS if v in mode_of]
     if not table:
@@ -151,13 +161,7 @@ def paired_modalities(units: Sequence[UnitResult], cfg: Config, task: Task, run:
         return []
     largest = max(cfg.finetune.label_fractions)
     per: dict[tuple[str, str], list[float]] = {}
-    for u in units:
-        variant, frac, _ = u.unit.split("/")
-        path = run / "units" / u.unit / "predictions.csv"
-        if float(frac[4:]) != largest or not path.exists():
-            continue
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+    for variant, _, rows in _full_label_predictions(units, cfg, run):
         modes = {r["mode"] for r in rows}
         if not {"av", "audio", "visual"} <= modes:
             continue
@@ -165,9 +169,7 @@ def paired_modalities(units: Sequence[UnitResult], cfg: Config, task: Task, run:
         for mode in ("av", "audio", "visual"):
             sel = [(r["target"], r["prediction"]) for r in rows if r["mode"] == mode and r["clip_id"] in both]
             if sel:
-                classes = sorted({t for t, _ in sel})
-                per.setdefault((variant, mode), []).append(
-                    float(np.mean([np.mean([p == c for t, p in sel if t == c]) for c in classes])))
+                per.setdefault((variant, mode), []).append(_uar(sel))
     out = []
     for variant in VARIANTS:
         if all((variant, m) in per for m in ("av", "audio", "visual")):
