@@ -63,12 +63,36 @@ def power_spectrogram(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     """
     lead = wave.shape[:-1]
     flat = wave.reshape(-1, wave.shape[-1]).float()  # [B, N]
+    if flat.shape[-1] // cfg.hop_length + 1 > STFT_CHUNK_FRAMES:
+        return _chunked_power(flat, cfg).reshape(*lead, -1, cfg.n_fft // 2 + 1)
     spec = torch.stft(
         flat, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
         window=_window(cfg, flat.device), center=True, pad_mode="reflect", return_complex=True,
     )  # [B, F, T]
     power = spec.real.square() + spec.imag.square()
     return power.transpose(1, 2).reshape(*lead, power.shape[-1], power.shape[1])
+
+
+# A longer wave is transformed STFT_CHUNK_FRAMES frames at a time (164 s at 50 frames/s): the complex
+# spectrogram and its framing copies of a long clip never exist whole, only the power does.
+STFT_CHUNK_FRAMES = 8192
+
+
+def _chunked_power(flat: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """`power_spectrogram` of [B, N] in chunks of frames: the reflect padding `center=True` applies,
+    then frames [k·hop, k·hop + n_fft) of it, exactly as the one-shot transform frames them."""
+    half = cfg.n_fft // 2
+    padded = torch.nn.functional.pad(flat[:, None], (half, half), mode="reflect")[:, 0]
+    n_frames = flat.shape[-1] // cfg.hop_length + 1
+    window = _window(cfg, flat.device)
+    parts = []
+    for lo in range(0, n_frames, STFT_CHUNK_FRAMES):
+        hi = min(n_frames, lo + STFT_CHUNK_FRAMES)
+        seg = padded[:, lo * cfg.hop_length:(hi - 1) * cfg.hop_length + cfg.n_fft]
+        spec = torch.stft(seg, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+                          window=window, center=False, return_complex=True)  # [B, F, hi - lo]
+        parts.append((spec.real.square() + spec.imag.square()).transpose(1, 2))
+    return torch.cat(parts, 1)  # [B, T, F]
 
 
 def stft_phase(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
