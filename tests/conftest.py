@@ -44,13 +44,20 @@ def write_video(path: Path, fps: float = 25.0, n_frames: int = 50, size: int = 6
             secs = audio_seconds if audio_seconds is not None else n_frames / fps
             t = np.arange(int(16000 * secs)) / 16000
             x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-            af = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
-            af.sample_rate = 16000
-            for p in a.encode(af):
-                out.mux(p)
-            for p in a.encode(None):
-                out.mux(p)
+            encode_audio(out, a, x, "flt", "mono", 16000)
     return path
+
+
+def encode_audio(out, stream, samples: np.ndarray, fmt: str, layout: str, rate: int) -> None:
+    """Encode `samples` ([channels, n] in PyAV's `fmt`) on an audio stream and flush it into `out`."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(samples, format=fmt, layout=layout)
+    frame.sample_rate = rate
+    for p in stream.encode(frame):
+        out.mux(p)
+    for p in stream.encode(None):
+        out.mux(p)
 
 
 def write_audio_only(path: Path, codec: str, rate: int, seconds: float = 1.0, sample_format: str = "flt") -> Path:

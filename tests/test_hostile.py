@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import tone, write_audio_only, write_video, write_wav
+from tests.conftest import encode_audio, tone, write_audio_only, write_video, write_wav
 from vqmae_cli.main import app
 
 
@@ -51,12 +51,7 @@ def _avi_mpeg4(path: Path) -> Path:
         _encode_frames(out, v, [np.full((48, 64, 3), 9 * k % 256, np.uint8) for k in range(24)])
         t = np.arange(48000) / 48000
         x = np.repeat((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None], 2, 0)
-        af = av.AudioFrame.from_ndarray(x, format="fltp", layout="stereo")
-        af.sample_rate = 48000
-        for p in a.encode(af):
-            out.mux(p)
-        for p in a.encode(None):
-            out.mux(p)
+        encode_audio(out, a, x, "fltp", "stereo", 48000)
     return path
 
 
