@@ -131,7 +131,7 @@ def test_clip_timeout_comes_from_the_config(monkeypatch, tmp_path):
     seen = []
 
     def fake_map(fn, tasks, workers, timeout):
-        seen.append(timeout)
+        seen.append(None if timeout is None else timeout(tasks[0]))
         return iter(())
 
     monkeypatch.setattr(ingest_mod, "isolated_map", fake_map)
@@ -140,6 +140,11 @@ def test_clip_timeout_comes_from_the_config(monkeypatch, tmp_path):
     list(ingest(c, load_config("tiny", ["video.clip_timeout_s=0"])))
     list(ingest(c, CFG, timeout=5.0))
     assert seen == [3600.0, None, 5.0]
+    # a file larger than LIMIT_BYTES gets proportionally longer (its size stands in for its length)
+    monkeypatch.setattr(ingest_mod, "LIMIT_BYTES", 1000)
+    (tmp_path / "x.wav").write_bytes(b"\0" * 4000)
+    list(ingest(c, CFG, timeout=5.0))
+    assert seen[-1] == 20.0
 
 
 def test_long_clip_crops_spill_to_disk_and_read_back_equal(face_video, monkeypatch, tmp_path):

@@ -47,6 +47,15 @@ def test_timeout_kills_hung_worker():
     assert out[1].value == 4 and out[2].value == 9
 
 
+def test_timeout_per_item():
+    """A time limit given per item: the hanging item fails after its own limit, the others have none."""
+    limits = {"hang": 1.0}
+    out = by_index(isolated_map(square_or_die, [2, "hang", 3], workers=1, context="fork",
+                                timeout=lambda item: limits.get(item)))
+    assert out[1].crashed and out[1].error == "timed out after 1 s"
+    assert out[0].value == 4 and out[2].value == 9
+
+
 def test_slow_consumer_never_turns_a_finished_item_into_a_timeout():
     got = {}
     for o in isolated_map(time.sleep, [0.3, 1.0], workers=2, timeout=2.0, context="fork"):

@@ -307,6 +307,24 @@ class Failure:
         return cls(path, stage, reason, clip.clip_id)
 
 
+# The per-clip time limit covers files up to this size as given; a larger file gets proportionally
+# more (the size stands in for the duration, which only decoding would tell): 200 MB is about 10 min
+# of talking-face video at 2.5 Mb/s.
+LIMIT_BYTES = 200 << 20
+
+
+def clip_time_limit(base: float, clip: ClipInfo) -> float:
+    """`base` seconds, times the clip's media size over `LIMIT_BYTES` when that is more than 1."""
+    size = 0
+    for path in (clip.path, clip.audio_path):
+        if path:
+            try:
+                size += os.stat(path).st_size
+            except OSError:  # missing or unreadable: decoding will say so, within the base limit
+                pass
+    return base * max(1.0, size / LIMIT_BYTES)
+
+
 def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,
            workers: int = 1, keep_arrays: bool = True, timeout: float | None = None,
            noise: NoiseSpec | None = None,
@@ -315,14 +333,16 @@ def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = M
 
     Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
     `noise` is passed to `load_clip` (noisy audio for robustness evaluation). A clip that takes
-    longer than `timeout` seconds (default `cfg.video.clip_timeout_s`; 0 or None: no limit) fails.
+    longer than its time limit fails: `timeout` seconds (default `cfg.video.clip_timeout_s`; 0 or
+    None: no limit), scaled up for large files (`clip_time_limit`).
     """
     if timeout is None:
         timeout = cfg.video.clip_timeout_s
     timeout = timeout if timeout and timeout > 0 else None
     config = cfg.to_dict()  # one shared dict, not one copy per clip
     tasks = [_Task(c, config, tuple(modalities), keep_arrays, noise) for c in clips]
-    for o in isolated_map(_run_task, tasks, workers=workers, timeout=timeout):
+    limit = None if timeout is None else (lambda task: clip_time_limit(timeout, task.clip))  # noqa: E731
+    for o in isolated_map(_run_task, tasks, workers=workers, timeout=limit):
         if o.ok:
             yield o.item.clip, o.value, None
         else:

@@ -92,10 +92,12 @@ class _Slot:
         child.close()
         self.task: tuple[int, Any] | None = None
         self.since = 0.0
+        self.limit: float | None = None  # the current item's timeout
 
-    def give(self, index: int, item: Any) -> None:
+    def give(self, index: int, item: Any, limit: float | None = None) -> None:
         self.task = (index, item)
         self.since = time.monotonic()
+        self.limit = limit
         self.conn.send((index, item))
 
     def stop(self, kill: bool = False) -> None:
@@ -136,16 +138,18 @@ def _crash_reason(exitcode: int | None) -> str:
 
 
 def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1, *,
-                 timeout: float | None = None, initializer: Callable | None = None,
-                 initargs: tuple = (), context: str = "spawn") -> Iterator[Outcome]:
+                 timeout: float | Callable[[Any], float | None] | None = None,
+                 initializer: Callable | None = None, initargs: tuple = (),
+                 context: str = "spawn") -> Iterator[Outcome]:
     """Yield an `Outcome` per item, in completion order, computing `fn(item)` in `workers` processes.
 
     `fn` must be importable by the workers (a module-level function). `workers=0` runs in this
     process: no crash isolation, but easy to debug. Exceptions raised by `fn` become failed
     outcomes carrying the exception; a worker that dies or exceeds `timeout` seconds on an item fails
-    that item only and is replaced.
+    that item only and is replaced. `timeout` may be a function of the item (None: no limit).
     """
     todo = deque(enumerate(items))
+    limit_of = timeout if callable(timeout) else (lambda item: timeout)  # noqa: E731
     if workers <= 0:
         if initializer is not None:
             initializer(*initargs)
@@ -161,15 +165,15 @@ def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 
     try:
         for slot in slots:
             if todo:
-                slot.give(*todo.popleft())
+                slot.give(*_with_limit(todo.popleft(), limit_of))
         while any(s.task is not None for s in slots):
             busy = [s for s in slots if s.task is not None]
             ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy],
-                         timeout=_time_left(busy, timeout))
+                         timeout=_time_left(busy))
             for i, slot in enumerate(slots):
                 if slot.task is None:
                     continue
-                outcome = _collect(slot, ready, timeout)
+                outcome = _collect(slot, ready)
                 if outcome is None:
                     continue
                 yield outcome
@@ -177,20 +181,26 @@ def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 
                     slot.stop(kill=True)
                     slot = slots[i] = _Slot(ctx, fn, initializer, initargs)
                 if todo:
-                    slot.give(*todo.popleft())
+                    slot.give(*_with_limit(todo.popleft(), limit_of))
     finally:
         for slot in slots:
             slot.stop(kill=slot.task is not None)
 
 
-def _time_left(busy: list[_Slot], timeout: float | None) -> float | None:
-    if timeout is None:
+def _with_limit(task: tuple[int, Any], limit_of: Callable[[Any], float | None]) -> tuple[int, Any, float | None]:
+    index, item = task
+    return index, item, limit_of(item)
+
+
+def _time_left(busy: list[_Slot]) -> float | None:
+    limited = [s for s in busy if s.limit is not None]
+    if not limited:
         return None
     now = time.monotonic()
-    return max(0.0, min(s.since + timeout - now for s in busy))
+    return max(0.0, min(s.since + s.limit - now for s in limited))
 
 
-def _collect(slot: _Slot, ready: list, timeout: float | None) -> Outcome | None:
+def _collect(slot: _Slot, ready: list) -> Outcome | None:
     """The slot's finished outcome, or None while it is still working."""
     index, item = slot.task
     # poll() rather than `in ready`: `ready` may be stale after the caller spent time on an
@@ -210,8 +220,8 @@ def _collect(slot: _Slot, ready: list, timeout: float | None) -> Outcome | None:
         slot.task = None
         return Outcome(index, item, False, error=_crash_reason(slot.proc.exitcode), crashed=True,
                        log=slot.log())
-    if timeout is not None and time.monotonic() - slot.since > timeout:
+    if slot.limit is not None and time.monotonic() - slot.since > slot.limit:
         slot.task = None
-        return Outcome(index, item, False, error=f"timed out after {timeout:g} s", crashed=True,
+        return Outcome(index, item, False, error=f"timed out after {slot.limit:g} s", crashed=True,
                        log=slot.log())
     return None
