@@ -245,7 +245,10 @@ def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]
         crops, lo = [], 0
         for chunk in (kept if kept is not None else frames()):  # pass 2: crops
             crop = cropper.extract(chunk, track[lo:lo + len(chunk)])
-            spill.append(crop) if spill is not None else crops.append(crop)
+            if spill is not None:
+                spill.append(crop)
+            else:
+                crops.append(crop)
             lo += len(chunk)
     except MediaError as e:
         raise ClipError(e.path, "video", e.reason) from None

@@ -64,7 +64,7 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     waves: dict[str, np.ndarray] = {}
-    faces: dict[str, np.ndarray] = {}
+    strip: np.ndarray | None = None  # original | masked | predicted faces side by side [T, S, 3S, 3]
     for m, c in codes.items():
         if m not in tokenizers:
             continue
@@ -102,11 +102,10 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
                                           f"visual tokens, {float(mask.float().mean()):.0%} masked"))
             every = mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
             all_orig = tensor_to_faces(views["original"])
-            faces = {"strip": np.concatenate([all_orig, np.where(every[..., None], 128, all_orig).astype(np.uint8),
-                                              tensor_to_faces(views["predicted"])], axis=2)}  # [T, S, 3S, 3]
-    if faces and "predicted" in waves and audio_cfg is not None:
+            strip = np.concatenate([all_orig, np.where(every[..., None], 128, all_orig).astype(np.uint8),
+                                    tensor_to_faces(views["predicted"])], axis=2)
+    if strip is not None and "predicted" in waves and audio_cfg is not None:
         path = out_dir / f"{tag}.mp4"
-        strip = faces["strip"]
         seconds = codes["audio"]["original"].shape[1] / audio_cfg.frame_rate  # the window's length
         fps = int(round(len(strip) / seconds))
         n = int(round(seconds * audio_cfg.sample_rate))

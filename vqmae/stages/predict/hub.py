@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from vqmae import __version__
 from vqmae.checkpoint import (CheckpointError, LoadedTokenizer, build_classifier, check_tokenizers_fit,
-                              checkpoint_sha256, load_checkpoint, load_classifier)
+                              checkpoint_sha256, load_classifier)
 from vqmae.config import Config, ConfigError, set_key
 from vqmae.encoding import feature_config
 from vqmae.models.classifier import EmotionModel
@@ -81,7 +81,7 @@ def write_hub_folder(classifier_path: str | os.PathLike, out_dir: str | os.PathL
         loaded = load_classifier(path, tokenizers=tokenizers)
     except CheckpointError as e:
         raise PredictError(str(e)) from None
-    ckpt = load_checkpoint(path, kind="classifier")
+    ckpt = loaded.ckpt
     if out.exists() and not out.is_dir():
         raise PredictError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ tags: [speech-emotion-recognition, audio-classification, video-classification, v
 
 # vqmae emotion classifier ({', '.join(modalities)}: {', '.join(names)})
 
-A {kind} model made by [vqmae](https://github.com/) `finetune` (vqmae {config['vqmae_version']}):
+A {kind} model made by `vqmae finetune` (vqmae {config['vqmae_version']}):
 discrete audio{' and face' if 'visual' in modalities else ''} tokens from the two VQ-VAE tokenizers in
 this folder, a masked-token transformer encoder ({extra.get('variant', '?')} initialisation), clips
 scored whole in {extra['mae_config']['window_seconds']:g} s windows pooled into one clip vector.
