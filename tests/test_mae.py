@@ -619,3 +619,34 @@ def test_chunked_masked_ce_equals_the_whole_loss_and_its_gradient():
     expect = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
     assert torch.allclose(t1, expect, rtol=1e-5)
     assert int(n1) == int((logits.argmax(-1) == target)[keep].sum())
+
+
+def test_lean_mlp_matches_the_modules_and_keeps_less_for_backward():
+    """The block's fp32 training MLP recomputes its GELU in backward: the same output and gradients
+    as the modules applied one by one, with the GELU's output not kept."""
+    from vqmae.models.transformer import Block
+    torch.manual_seed(0)
+    block = Block(32, 4, 2.0, 0.0).train()
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    g = torch.randn(3, 7, 32)
+    saved: list[torch.Size] = []
+    out = {}
+    for lean in (True, False):
+        block.zero_grad()
+        x.grad = None
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            h = block.norm2(x)
+            y = (h + (block.mlp(h) if not lean else _lean(block, h)))
+        (y * g).sum().backward()
+        out[lean] = (y.detach(), x.grad.clone(), [p.grad.clone() for p in block.mlp.parameters()],
+                     sum(1 for s in saved if s.numel() == 3 * 7 * 64))
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[True][2], out[False][2]))
+    assert out[True][3] == 1 and out[False][3] == 2  # hidden-width tensors kept: h only vs h and GELU(h)
+
+
+def _lean(block, h):
+    from vqmae.models.transformer import _mlp
+    return _mlp(block.mlp, h)

@@ -39,6 +39,37 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
+class _LeanMLP(torch.autograd.Function):
+    """Linear → GELU → Linear that keeps its input and the first layer's output for backward and
+    recomputes the GELU there, instead of also keeping the GELU's output: 4 × width fewer numbers
+    per token and layer in training (a quarter of a block's activations), for one elementwise pass.
+    x `[N, D]` → `[N, D]`; fp32 (the autocast path uses the plain modules)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = torch.addmm(b1, x, w1.t())
+        ctx.save_for_backward(x, h, w1, w2)
+        return torch.addmm(b2, F.gelu(h), w2.t())
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, h, w1, w2 = ctx.saved_tensors
+        gw2 = gy.t() @ F.gelu(h)
+        gh = torch.ops.aten.gelu_backward(gy @ w2, h)
+        return gh @ w1, gh.t() @ x, gh.sum(0), gw2, gy.sum(0)
+
+
+def _mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`mlp` (Linear, GELU, Dropout, Linear, Dropout) on `x` `[..., D]`: through `_LeanMLP` when it
+    trains in fp32 without dropout, else module by module."""
+    fc1, fc2 = mlp[0], mlp[3]
+    if (not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+            or (mlp.training and mlp[2].p > 0) or x.dtype != torch.float32):
+        return mlp(x)
+    return _LeanMLP.apply(x.flatten(0, -2), fc1.weight, fc1.bias, fc2.weight,
+                          fc2.bias).view(x.shape)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN x), then x + MLP(LN x)."""
 
@@ -56,7 +87,7 @@ class Block(nn.Module):
         if x.shape[1] == 0:  # a modality with no visible patch in the whole batch (cross fusion)
             return x
         x = x + self.attn(self.norm1(x), key_valid=key_valid)
-        return x + self.mlp(self.norm2(x))
+        return x + _mlp(self.mlp, self.norm2(x))
 
 
 class CrossBlock(nn.Module):
