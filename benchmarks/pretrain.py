@@ -217,7 +217,9 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     dims = MAEDims.from_specs(store.specs, cfg.mae)
     torch.manual_seed(cfg.seed)
     model = MAEModel(cfg.mae, dims).to(device)
-    net = torch.compile(model) if pcfg.compile else model
+    if pcfg.compile:
+        model.compile_blocks()
+    net = model
     opt = adamw(param_groups(model, pcfg.weight_decay), lr=pcfg.base_lr * pcfg.batch_size / 256,
                 betas=tuple(pcfg.betas))
     masker = GlobalMasking(model, data, device)
@@ -233,7 +235,7 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
         # one process: the global batch is this batch, masks drawn as the loop draws them
         masks = masker.draw(rows, starts, mask_generator(cfg.seed, i, device), 0, len(rows))
         with ctx:
-            out = net(inputs, None, mask=masks.mask, ce_denominator=masks.count)
+            out = net(inputs, None, mask=masks.mask, ce_denominator=masks.count, bounds=masks.bounds)
         loss = out.loss.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,14 +300,16 @@ def reference_pair(job: dict[str, Any]):
     no_padding = {m: torch.zeros(b, lay.n_patches, dtype=torch.bool, device=device)
                   for m, lay in ours.layouts.items()}
 
-    def ours_masks(i: int) -> dict[str, torch.Tensor]:
+    def ours_masks(i: int) -> dict[str, Any]:
+        """The step's masks and their host-known bounds, as `vqmae pretrain` passes them."""
         r = {"visual": float(ratios[i]), "audio": 1.0 - float(ratios[i])}
-        return sample_masking("fixed", no_padding, ours.layouts, r, gen).mask
+        masking = sample_masking("fixed", no_padding, ours.layouts, r, gen)
+        return {"mask": masking.mask, "bounds": masking.bounds}
 
     def train_ours(i: int) -> None:
         ours.train()
         with ctx:
-            loss = ours(batches[i % STAGED_BATCHES], None, mask=ours_masks(i)).loss
+            loss = ours(batches[i % STAGED_BATCHES], None, **ours_masks(i)).loss
         opt_ours.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.pretrain.grad_clip)
@@ -323,7 +327,7 @@ def reference_pair(job: dict[str, Any]):
     def eval_ours(i: int) -> None:
         ours.eval()
         with ctx:
-            ours(batches[i % STAGED_BATCHES], None, mask=ours_masks(i))
+            ours(batches[i % STAGED_BATCHES], None, **ours_masks(i))
 
     @torch.no_grad()
     def eval_ref(i: int) -> None:

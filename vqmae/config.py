@@ -164,7 +164,7 @@ class PretrainConfig:
     ckpt_every: int = 1_000
     log_every: int = 20
     recon_every: int = 5_000
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (MAEModel.compile_blocks)
     workers: int = 4  # DataLoader workers for stores that do not fit in RAM
     ram_limit_gb: float = 8.0  # stores with fewer code bytes than this are loaded into RAM
     # Streaming path (stores over ram_limit_gb): codes read per shuffle group, per worker.

@@ -39,8 +39,8 @@ from torch import nn
 from vqmae.config import MAEConfig, mae_modalities
 from vqmae.models.heads import IGNORE, Head, masked_ce
 from vqmae.models.layout import MODALITIES, MAEDims, patch_layout, sincos_positions
-from vqmae.models.masking import Masking, masking_from, order_by_key, sample_masking
-from vqmae.models.transformer import Block, CrossEncoder
+from vqmae.models.masking import Bounds, Masking, masked_rows, masking_from, order_by_key, sample_masking
+from vqmae.models.transformer import Block, CrossBlock, CrossEncoder
 
 # InfoNCE temperature of the optional contrastive term (CLIP's initial value is 0.07; pooled
 # summaries of a small model saturate less with a softer 0.1).
@@ -168,6 +168,14 @@ class MAEModel(nn.Module):
     def _embed_dim(self, name: str) -> int:
         return self.cfg.visual_embed_dim if name == "visual" else self.cfg.audio_embed_dim
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """`torch.compile` every transformer block in place, each as one graph (`fullgraph`: a
+        graph break is an error). Regional: masking, gathers and the chunked loss stay eager, so
+        the varying visible count costs one recompile (to dynamic shapes), not one per value."""
+        for module in self.modules():
+            if isinstance(module, (Block, CrossBlock)):
+                module.compile(fullgraph=True, backend=backend)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -212,8 +220,9 @@ class MAEModel(nn.Module):
                              f"{tuple(codes.shape[:2])}")
         valid = valid.bool()
         codes = codes.long()
-        # On an accelerator this check would stall the pipeline; the store validates codes on write.
-        if codes.device.type == "cpu" and codes.numel():
+        # On an accelerator this check would stall the pipeline, and compiled it would break the
+        # graph; the store validates codes on write.
+        if codes.device.type == "cpu" and codes.numel() and not torch.compiler.is_compiling():
             picked = codes[valid]
             if picked.numel() and (picked.min() < 0 or picked.max() >= d.codebook_size):
                 raise ValueError(f"batch[{m!r}]: ids in [{int(picked.min())}, {int(picked.max())}]"
@@ -251,7 +260,8 @@ class MAEModel(nn.Module):
         n_vis = sum(masking.n_visible[m] for m in self.names)  # [B]
         ids_shuffle = order_by_key(key)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        enc = _restore(self._run_encoder(_gather(seq, ids_shuffle, n_vis)), ids_restore)
+        k = None if masking.bounds is None else sum(masking.bounds.visible[m] for m in self.names)
+        enc = _restore(self._run_encoder(_gather(seq, ids_shuffle, n_vis, k)), ids_restore)
         return dict(zip(self.names, enc.split([self.layouts[m].n_patches for m in self.names], 1)))
 
     def _run_encoder(self, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -261,7 +271,9 @@ class MAEModel(nn.Module):
         return self.encoder_norm(h)
 
     def _encode_cross(self, x: dict[str, torch.Tensor], masking: Masking) -> dict[str, torch.Tensor]:
-        packed = {m: _gather(x[m], masking.ids_shuffle[m], masking.n_visible[m]) for m in self.names}
+        packed = {m: _gather(x[m], masking.ids_shuffle[m], masking.n_visible[m],
+                             None if masking.bounds is None else masking.bounds.visible[m])
+                  for m in self.names}
         h = self.encoder({m: p[0] for m, p in packed.items()}, {m: p[1] for m, p in packed.items()})
         return {m: _restore(self.encoder_norm(h[m]), masking.ids_restore[m]) for m in self.names}
 
@@ -325,7 +337,8 @@ class MAEModel(nn.Module):
                 mask: Mapping[str, torch.Tensor] | None = None,
                 return_logits: bool = False,
                 ce_denominator: Mapping[str, torch.Tensor | float] | None = None,
-                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MAEOutput:
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                bounds: Bounds | None = None) -> MAEOutput:
         """Mask (drawn from `generator`, which must live on the model's device, or the given
         `mask`: `[B, N]` bool per modality), encode the visible patches, decode, score the masked.
 
@@ -337,12 +350,14 @@ class MAEModel(nn.Module):
         `reconstruction_loss` and `contrastive_loss`): `ce_denominator[m]` divides the summed
         per-token CE and the hit count of modality `m` instead of this batch's own masked-token
         count, and `gather` maps this rank's rows `[b, ...]` to the global batch's `[B, ...]`.
+        `bounds` (with `mask`): the `Bounds` of the masking the masks come from, so that the step
+        sizes its tensors without reading counts back from the device.
         """
         inp = self.prepare(batch)
         if mask is None:
             masking = self.sample_masking(inp.padding, generator)
         else:
-            masking = masking_from(mask, inp.padding)
+            masking = masking_from(mask, inp.padding, bounds)
         enc = self.encode_visible(self.embed(inp), masking)
         dec = self.decode(enc, masking)
         loss, metrics = self.reconstruction_loss(inp, masking, dec, ce_denominator)
@@ -371,18 +386,19 @@ class MAEModel(nn.Module):
             mask = masking.mask[m]
             n_valid = (~masking.padding[m]).sum().clamp(min=1)
             metrics[f"mask/{m}"] = (mask.sum() / n_valid).detach().float()
-            tokens = inp.token_valid[m][mask]  # [M, P]
+            h, patches, tokens, ids = masked_rows(masking, m, dec[m], inp.token_valid[m], inp.ids[m])
             if ce_denominator is None:
-                if not tokens.any():
+                # nothing masked (known on the host, or read from the device): no keys
+                if (masking.bounds.masked[m] == 0 if masking.bounds is not None
+                        else not tokens.any()):
                     continue
                 denom = tokens.sum().float()
             else:
                 denom = torch.as_tensor(ce_denominator[m], dtype=torch.float32, device=loss.device)
             # Padded ids of partly padded patches are ignored rather than indexed away: boolean
             # indexing would copy the (large) logits forward and scatter them back in backward.
-            target = inp.ids[m][mask].masked_fill(~tokens, IGNORE)  # [M, P]
-            total, hits = masked_ce(lambda h, p, m=m: self.logits(m, h, p), dec[m][mask],
-                                    mask.nonzero(as_tuple=True)[1], target,
+            target = ids.masked_fill(~tokens, IGNORE)  # [M, P]
+            total, hits = masked_ce(lambda h, p, m=m: self.logits(m, h, p), h, patches, target,
                                     self.dims.get(m).codebook_size,
                                     head=None if self.cfg.unigram_prior else self.head[m])
             ce = total / denom.clamp(min=1e-12)  # a zero count has a zero sum: adds nothing
@@ -414,22 +430,33 @@ class MAEModel(nn.Module):
             count = {m: gather(c) for m, c in count.items()}  # [B]
             world = count["audio"].shape[0] // max(b, 1)
         both = (count["audio"] > 0) & (count["visual"] > 0)  # [B]
-        if int(both.sum()) < 2:
-            return enc["audio"].new_zeros((), dtype=torch.float32)
-        a = F.normalize(pooled["audio"][both], dim=-1)
-        v = F.normalize(pooled["visual"][both], dim=-1)
-        logits = a @ v.t() / CONTRASTIVE_TEMPERATURE  # [B', B']
+        n_both = both.sum()
+        # Over the samples in `both` only, without selecting them (no host sync): the others'
+        # columns are left out of every softmax and their rows out of the mean.
+        a = F.normalize(pooled["audio"], dim=-1)
+        v = F.normalize(pooled["visual"], dim=-1)
+        sim = a @ v.t() / CONTRASTIVE_TEMPERATURE  # [B, B]
         target = torch.arange(len(a), device=a.device)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        per_row = (F.cross_entropy(sim.masked_fill(~both[None, :], _LEFT_OUT), target, reduction="none")
+                   + F.cross_entropy(sim.t().masked_fill(~both[None, :], _LEFT_OUT), target,
+                                     reduction="none"))
+        loss = 0.5 * (per_row * both).sum() / n_both.clamp(min=1)
+        loss = torch.where(n_both >= 2, loss, torch.zeros_like(loss))  # fewer than two: no term
         # value unchanged, gradient × world (see the docstring)
         return loss if world == 1 else world * loss - (world - 1) * loss.detach()
 
 
-def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visible patches first: `[B, N, D]` → `[B, K, D]` with K = max visible count, and the
+_LEFT_OUT = -1e4  # a logit whose exp is 0 in fp32 and bf16 against |logits| ≤ 1 / temperature
+
+
+def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor,
+            k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visible patches first: `[B, N, D]` → `[B, K, D]` with K = `k`, a host-known bound of the
+    visible counts (`Bounds`), else the largest visible count (read from the device), and the
     key validity `[B, K]` (False past a sample's own visible count)."""
-    k = int(n_visible.max()) if n_visible.numel() else 0
+    if k is None:
+        k = int(n_visible.max()) if n_visible.numel() else 0
+    k = min(k, x.shape[1])
     idx = ids_shuffle[:, :k]
     seq = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     pos = torch.arange(k, device=x.device)

@@ -38,6 +38,7 @@ from vqmae.checkpoint import (ParentMismatchError, check_parents, check_resume, 
 from vqmae.config import Config, resolve_modalities
 from vqmae.models.layout import MAEDims
 from vqmae.models.mae import MAEModel
+from vqmae.models.masking import Bounds
 from vqmae.recon import predicted_codes, save_panels
 from vqmae.store import TokenStore
 from vqmae.training import Dist, Fit, MetricsLog, Reporter, StepOut, adamw, base_lrs, init_distributed
@@ -82,6 +83,7 @@ class StepMasks:
     mask: dict[str, torch.Tensor]  # [b, N] bool, this rank's slice of the global masks
     count: dict[str, torch.Tensor]  # [] masked valid tokens in the global batch
     fraction: dict[str, torch.Tensor]  # [] masked share of the global batch's valid patches
+    bounds: Bounds | None  # host-known bounds of the counts (vqmae.models.masking.Bounds)
 
 
 class GlobalMasking:
@@ -124,7 +126,7 @@ class GlobalMasking:
             mask[m] = full[lo:hi]
             count[m] = (ids[m] * full).sum().float()
             fraction[m] = (full.sum() / (~pad).sum().clamp(min=1)).float()
-        return StepMasks(mask, count, fraction)
+        return StepMasks(mask, count, fraction, masking.bounds)
 
 
 def global_windows(data: WindowData, batch: WindowBatch, step: int, info: Dist,
@@ -232,7 +234,7 @@ def evaluate(model: MAEModel, data: WindowData, masker: GlobalMasking, cfg: Conf
         if hi > lo:  # a rank may hold none of a small last batch
             with autocast_context(device):
                 out = model(batch_dict(read_windows(data, rows[lo:hi], starts[lo:hi]), device),
-                            None, mask=masks.mask, ce_denominator=masks.count)
+                            None, mask=masks.mask, ce_denominator=masks.count, bounds=masks.bounds)
             share.update({k: float(v) for k, v in out.metrics.items() if not k.startswith("mask/")})
             share["loss/contrastive"] = share.get("loss/contrastive", 0.0) / info.world_size
         ce = [share[f"loss/{m}_ce"] for m in model.names if defined[f"loss/{m}"]]
@@ -291,7 +293,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
             find_unused_parameters=True)  # a modality with no masked token leaves its head unused
     if pcfg.compile:
-        net = torch.compile(net)
+        model.compile_blocks()
     masker = GlobalMasking(model, data, device)
     gather = partial(gather_rows, info=info)
     unigram = _unigram(store, data, run, info)
@@ -309,7 +311,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
         lo = info.rank * data.per_rank
         masks = masker.draw(*global_windows(data, batch, step, info, device),
                             mask_generator(cfg.seed, step, device), lo, lo + len(batch))
-        out = net(batch_dict(batch, device), None, mask=masks.mask,
+        out = net(batch_dict(batch, device), None, mask=masks.mask, bounds=masks.bounds,
                   ce_denominator={m: c / info.world_size for m, c in masks.count.items()}, gather=gather)
         return StepOut(out.loss, {**out.metrics, **{f"mask/{m}": f for m, f in masks.fraction.items()}},
                        len(batch))
