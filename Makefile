@@ -15,7 +15,7 @@ FACE ?= haar
 STORE ?= $(DEMO)/tokens.zarr
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo synth speech-deps speech-corpus speech-demo seeds ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
+.PHONY: install test test-slow demo demo-steps synth speech-deps speech-corpus speech-demo speech-demo-steps seeds ingest tokenize inspect pretrain finetune predict results bench-ingest bench-tokenize clean
 
 TORCH_INDEX ?=
 
@@ -50,7 +50,10 @@ speech-corpus: speech-deps  ## the second evaluation corpus (festival voices act
 
 SPEECH_STORE ?= $(SPEECH_DATA)/speech.zarr
 
-speech-demo: speech-corpus  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines) → the fold models scored on the noisy twins
+speech-demo:  ## the pipeline on the speech corpus: tokenize (audio only) → pretrain → finetune (5 speaker folds, 10% and 100% of the labels, both baselines) → the fold models scored on the noisy twins
+	$(call locked,$(SPEECH_RUN),speech-demo-steps,speech-demo,SPEECH_RUN)
+
+speech-demo-steps: speech-corpus
 	rm -rf $(SPEECH_STORE) $(SPEECH_STORE).parts $(SPEECH_DATA)/speech_snr*.zarr $(SPEECH_DATA)/speech_snr*.zarr.parts \
 		$(SPEECH_RUN)/tokenize $(SPEECH_RUN)/tokenize_snr* $(SPEECH_RUN)/pretrain $(SPEECH_RUN)/finetune
 	$(BIN)/vqmae tokenize $(SPEECH) --out $(SPEECH_STORE) --preset $(PRESET) --workers $(WORKERS) \
@@ -99,7 +102,18 @@ predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained, 
 	$(BIN)/vqmae predict $(DATA)/video/$$SPK $(DATA)/audio/$$SPK --same-speaker --device $(DEVICE) \
 		--model $$MODEL --csv $(RUN)/predict.csv
 
+# A demo holds a lock on its run directory while it runs: a second one with the same directory
+# stops at once (exit 75) instead of deleting the first one's files. Side by side: another RUN.
+define locked
+	@mkdir -p $(1)
+	@flock -n -E 75 $(1)/.lock $(MAKE) --no-print-directory $(2); rc=$$?; if [ $$rc = 75 ]; then \
+		echo "make $(3): $(1) is in use by another run; give this one its own directory, e.g. $(4)=$(1)-2" >&2; fi; exit $$rc
+endef
+
 demo:  ## synth → tokenize → store summary → pretrain → finetune → predict → results (tiny preset, two CPU cores)
+	$(call locked,$(RUN),demo-steps,demo,RUN)
+
+demo-steps:
 	rm -rf $(STORE) $(STORE).parts $(RUN)/tokenize $(RUN)/pretrain $(RUN)/finetune
 	$(MAKE) synth tokenize inspect pretrain finetune predict results
 
