@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -144,18 +145,38 @@ class LineReporter:
 
     def __init__(self, console: Console, every: float = 30.0):
         self.console, self.every = console, every
-        self.state: dict[str, dict] = {}  # per phase: done, total, t0, last line, info
+        self.state: dict[str, dict] = {}  # per phase: done, total, t0, last line, info, running
+        self.lock = threading.Lock()
+        self.ticker: threading.Thread | None = None
+        self.closed = False
+
+    def _tick(self) -> None:
+        """A line for every running phase that has printed none for `every` seconds, even when
+        one step of it takes longer than that (a slow step, a loaded machine)."""
+        while not self.closed:
+            time.sleep(max(0.05, min(1.0, self.every / 4)))
+            for name, st in list(self.state.items()):
+                if st["running"] and time.monotonic() - st["last"] >= self.every:
+                    self._line(name)
 
     def __enter__(self) -> "LineReporter":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        with self.lock:  # a phase an error left unfinished prints no more lines
+            for st in self.state.values():
+                st["running"] = False
+        self.closed = True
 
     def start(self, name: str, total: int | None) -> None:
         now = time.monotonic()
-        self.state[name] = {"done": 0, "total": total, "t0": now, "last": now, "info": ""}
+        self.state[name] = {"done": 0, "total": total, "t0": now, "last": now, "info": "",
+                            "running": True}
         self._line(name, "started")
+        if self.every > 0 and (self.ticker is None or not self.ticker.is_alive()):
+            self.closed = False
+            self.ticker = threading.Thread(target=self._tick, name="progress-lines", daemon=True)
+            self.ticker.start()
 
     def advance(self, name: str, n: int = 1, **fields) -> None:
         st = self.state[name]
@@ -167,9 +188,14 @@ class LineReporter:
     def finish(self, name: str) -> None:
         st = self.state[name]
         st["done"] = st["total"] if st["total"] is not None else st["done"]
+        st["running"] = False
         self._line(name, "done")
 
     def _line(self, name: str, what: str = "") -> None:
+        with self.lock:
+            self._print_line(name, what)
+
+    def _print_line(self, name: str, what: str) -> None:
         st = self.state[name]
         now = time.monotonic()
         st["last"] = now

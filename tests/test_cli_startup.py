@@ -108,3 +108,27 @@ def test_progress_is_printed_as_lines_when_not_on_a_terminal():
     assert lines[1].startswith("pretrain: 1/4 (25%) ~") and "loss 5.25" in lines[1]
     assert "2/4 (50%)" in lines[2] and "loss 4.5" in lines[2]
     assert lines[-1].startswith("pretrain: done 4/4 (100%) loss 4.5") and lines[-1].endswith("elapsed")
+
+
+def test_progress_lines_keep_coming_while_one_step_runs_long():
+    """A step longer than the interval still gets a line per interval (a slow step, a loaded
+    machine), and none after the phase is done or the reporter closed."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from vqmae_cli.common import RichReporter
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with RichReporter(console, every=0.3) as rep:
+        rep.start("pretrain", 4)
+        rep.advance("pretrain", 1, loss=5.25)
+        time.sleep(1.2)  # one long step
+        beats = [x for x in out.getvalue().splitlines() if x.startswith("pretrain: 1/4 (25%)")]
+        assert len(beats) >= 2 and all("loss 5.25" in x for x in beats)
+        rep.finish("pretrain")
+    n = len(out.getvalue().splitlines())
+    time.sleep(0.5)
+    assert len(out.getvalue().splitlines()) == n
