@@ -105,8 +105,7 @@ predict:  ## fold 0's held-out speaker, scored by the fold-0 model (pretrained, 
 # A demo holds a lock on its run directory while it runs: a second one with the same directory
 # stops at once (exit 75) instead of deleting the first one's files. Side by side: another RUN.
 define locked
-	@mkdir -p $(1)
-	@flock -n -E 75 $(1)/.lock $(MAKE) --no-print-directory $(2); rc=$$?; if [ $$rc = 75 ]; then \
+	@mkdir -p $(1); flock -n -E 75 $(1)/.lock $(MAKE) --no-print-directory $(2); rc=$$?; if [ $$rc = 75 ]; then \
 		echo "make $(3): $(1) is in use by another run; give this one its own directory, e.g. $(4)=$(1)-2" >&2; fi; exit $$rc
 endef
 

@@ -158,7 +158,9 @@ class LineReporter:
             time.sleep(tick)
             for name, st in list(self.state.items()):  # a tick early rather than late
                 if st["running"] and time.monotonic() - st["last"] >= self.every - tick:
-                    self._line(name)
+                    with self.lock:  # finished or closed meanwhile: no line after "done"
+                        if st["running"] and not self.closed:
+                            self._print_line(name, "")
 
     def __enter__(self) -> "LineReporter":
         return self
@@ -167,7 +169,7 @@ class LineReporter:
         with self.lock:  # a phase an error left unfinished prints no more lines
             for st in self.state.values():
                 st["running"] = False
-        self.closed = True
+            self.closed = True
 
     def start(self, name: str, total: int | None) -> None:
         now = time.monotonic()
@@ -188,9 +190,10 @@ class LineReporter:
 
     def finish(self, name: str) -> None:
         st = self.state[name]
-        st["done"] = st["total"] if st["total"] is not None else st["done"]
-        st["running"] = False
-        self._line(name, "done")
+        with self.lock:
+            st["done"] = st["total"] if st["total"] is not None else st["done"]
+            st["running"] = False
+            self._print_line(name, "done")
 
     def _line(self, name: str, what: str = "") -> None:
         with self.lock:

@@ -107,3 +107,17 @@ def test_compile_blocks_compiles_each_block_as_one_graph():
     out.backward()
     assert torch.allclose(out, eager, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_cross_fusion_never_attends_to_a_masked_patch():
+    """Cross fusion with the face fully masked (audio2visual): the voice's encoding does not depend
+    on the hidden face codes, with bounds (a one-row visual sequence of a masked patch) or without."""
+    m = model(masking="audio2visual", fusion="cross").eval()
+    batch = make_batch(3, 5)
+    other = dict(batch, visual=(batch["visual"] + 7) % m.dims.get("visual").codebook_size)
+    mk = m.sample_masking(m.prepare(batch).padding, gen(5))
+    assert bool(mk.mask["visual"][~mk.padding["visual"]].all())
+    for bounds in (mk.bounds, None):
+        enc = [m.encode_visible(m.embed(m.prepare(b)), masking_from(mk.mask, m.prepare(b).padding, bounds))
+               for b in (batch, other)]
+        assert torch.allclose(enc[0]["audio"], enc[1]["audio"], atol=1e-6), bounds

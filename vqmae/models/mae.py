@@ -264,8 +264,8 @@ class MAEModel(nn.Module):
         enc = _restore(self._run_encoder(_gather(seq, ids_shuffle, n_vis, k)), ids_restore)
         return dict(zip(self.names, enc.split([self.layouts[m].n_patches for m in self.names], 1)))
 
-    def _run_encoder(self, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h, valid = packed  # [B, K, D], [B, K]
+    def _run_encoder(self, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h, valid, _ = packed  # [B, K, D], [B, K]
         for block in self.encoder:
             h = block(h, valid)
         return self.encoder_norm(h)
@@ -274,7 +274,8 @@ class MAEModel(nn.Module):
         packed = {m: _gather(x[m], masking.ids_shuffle[m], masking.n_visible[m],
                              None if masking.bounds is None else masking.bounds.visible[m])
                   for m in self.names}
-        h = self.encoder({m: p[0] for m, p in packed.items()}, {m: p[1] for m, p in packed.items()})
+        h = self.encoder({m: p[0] for m, p in packed.items()}, {m: p[1] for m, p in packed.items()},
+                         {m: p[2] for m, p in packed.items()})
         return {m: _restore(self.encoder_norm(h[m]), masking.ids_restore[m]) for m in self.names}
 
     def encode(self, batch: Mapping[str, torch.Tensor],
@@ -388,7 +389,8 @@ class MAEModel(nn.Module):
             metrics[f"mask/{m}"] = (mask.sum() / n_valid).detach().float()
             h, patches, tokens, ids = masked_rows(masking, m, dec[m], inp.token_valid[m], inp.ids[m])
             if ce_denominator is None:
-                # nothing masked (known on the host, or read from the device): no keys
+                # nothing masked: no keys (with bounds, decided on the host from the bound, so a
+                # bound above 0 whose patches are all padding gives NaN keys instead)
                 if (masking.bounds.masked[m] == 0 if masking.bounds is not None
                         else not tokens.any()):
                     continue
@@ -450,21 +452,24 @@ _LEFT_OUT = -1e4  # a logit whose exp is 0 in fp32 and bf16 against |logits| ≤
 
 
 def _gather(x: torch.Tensor, ids_shuffle: torch.Tensor, n_visible: torch.Tensor,
-            k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Visible patches first: `[B, N, D]` → `[B, K, D]` with K = `k`, a host-known bound of the
-    visible counts (`Bounds`), else the largest visible count (read from the device), and the
-    key validity `[B, K]` (False past a sample's own visible count)."""
+    visible counts (`Bounds`), else the largest visible count (read from the device), the key
+    validity `[B, K]` for self-attention and the strict one (False past a sample's own visible
+    count, also where it is 0) for cross-attention."""
     if k is None:
         k = int(n_visible.max()) if n_visible.numel() else 0
     k = min(k, x.shape[1])
     idx = ids_shuffle[:, :k]
     seq = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     pos = torch.arange(k, device=x.device)
-    # A sample with nothing visible (possible only with a caller's mask) attends to one dummy key
-    # instead of an empty softmax (NaN); its outputs are discarded afterwards. (No in-place
+    # A sample with nothing visible attends to one dummy key in self-attention instead of an
+    # empty softmax (NaN); its outputs are discarded afterwards. The dummy is a masked patch, so
+    # the other modality's cross-attention gets the strict validity, without it. (No in-place
     # update: ONNX has none.)
-    valid = (pos < n_visible[:, None]) | ((pos == 0) & (n_visible == 0)[:, None])
-    return seq, valid
+    strict = pos < n_visible[:, None]
+    valid = strict | ((pos == 0) & (n_visible == 0)[:, None])
+    return seq, valid, strict
 
 
 def _restore(seq: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

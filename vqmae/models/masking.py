@@ -91,6 +91,16 @@ def masking_from(mask: Mapping[str, torch.Tensor], padding: Mapping[str, torch.T
     return _build_masking(masks, padding, noise, bounds)
 
 
+def _host_seed(generator: torch.Generator) -> int:
+    """A CPU seed from an accelerator generator's seed and how far it has been drawn from, so a
+    generator used for several batches gives each its own ratio."""
+    try:
+        offset = int(generator.get_offset())
+    except (AttributeError, RuntimeError):  # generators without an offset
+        offset = 0
+    return (generator.initial_seed() * 1_000_003 + offset) % (2 ** 63)
+
+
 def _host_ratios(strategy: str, names: list[str], ratios: Mapping[str, float],
                  generator: torch.Generator | None) -> dict[str, torch.Tensor] | None:
     """The mask ratio of every sample, one float32 CPU scalar per modality, for the strategies
@@ -98,7 +108,7 @@ def _host_ratios(strategy: str, names: list[str], ratios: Mapping[str, float],
     their random stream, else from a CPU generator seeded alike) or fix it; None for "coupled"."""
     if strategy == "coupled_batch":
         host = generator if generator is None or generator.device.type == "cpu" else \
-            torch.Generator().manual_seed(generator.initial_seed())
+            torch.Generator().manual_seed(_host_seed(generator))
         # Dirichlet(1, 1) = (u, 1 − u) with u ~ U(0, 1); a lone modality keeps that marginal
         u = torch.rand((1,), generator=host)[0]
         return {"visual": u, "audio": 1.0 - u} if len(names) == 2 else {names[0]: u}

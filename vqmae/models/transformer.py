@@ -130,14 +130,17 @@ class CrossEncoder(nn.Module):
             [CrossBlock(w, cfg.heads, cfg.dropout) for _ in range(cfg.encoder_depth)])
             for m in names}) if len(names) == 2 else nn.ModuleDict()
 
-    def forward(self, seq: dict[str, torch.Tensor],
-                valid: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """seq `[B, K_m, D]` and key validity `[B, K_m]` per modality → `[B, K_m, D]`."""
+    def forward(self, seq: dict[str, torch.Tensor], valid: dict[str, torch.Tensor],
+                context_valid: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """seq `[B, K_m, D]` and key validity `[B, K_m]` per modality → `[B, K_m, D]`.
+        `context_valid`: the keys the other modality may attend to (default `valid`); without a
+        self-attention dummy key, which is a masked patch."""
         names = list(seq)
+        context_valid = valid if context_valid is None else context_valid
         for layer in range(len(self.self_blocks[names[0]])):
             seq = {m: self.self_blocks[m][layer](seq[m], valid[m]) for m in names}
             if len(names) == 2:
                 a, b = names
-                seq = {a: self.cross_blocks[a][layer](seq[a], seq[b], valid[b]),
-                       b: self.cross_blocks[b][layer](seq[b], seq[a], valid[a])}
+                seq = {a: self.cross_blocks[a][layer](seq[a], seq[b], context_valid[b]),
+                       b: self.cross_blocks[b][layer](seq[b], seq[a], context_valid[a])}
         return seq
