@@ -219,7 +219,6 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     model = MAEModel(cfg.mae, dims).to(device)
     if pcfg.compile:
         model.compile_blocks()
-    net = model
     opt = adamw(param_groups(model, pcfg.weight_decay), lr=pcfg.base_lr * pcfg.batch_size / 256,
                 betas=tuple(pcfg.betas))
     masker = GlobalMasking(model, data, device)
@@ -235,7 +234,7 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
         # one process: the global batch is this batch, masks drawn as the loop draws them
         masks = masker.draw(rows, starts, mask_generator(cfg.seed, i, device), 0, len(rows))
         with ctx:
-            out = net(inputs, None, mask=masks.mask, ce_denominator=masks.count, bounds=masks.bounds)
+            out = model(inputs, None, mask=masks.mask, ce_denominator=masks.count, bounds=masks.bounds)
         loss = out.loss.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
