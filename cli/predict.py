@@ -97,11 +97,17 @@ def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
             console.print(f"[yellow]warning:[/yellow] {p.path}: {w}")
         if timeline:
             _print_timeline(p)
-    if result.failures:
-        console.print(f"[red]{len(result.failures)} failed:[/red]")
-        for f in result.failures:
+    skipped = [f for f in result.failures if f.stage == "scan"]
+    failed = [f for f in result.failures if f.stage != "scan"]
+    if failed:
+        console.print(f"[red]{len(failed)} failed:[/red]")
+        for f in failed:
             console.print(f"  [red]✗[/red] {f.path}: {f.stage}: {f.reason}")
-    console.print(f"{len(result.predictions)} scored, {len(result.failures)} failed")
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} skipped:[/yellow]")
+        for f in skipped:
+            console.print(f"  [yellow]-[/yellow] {f.path}: {f.reason}")
+    console.print(f"{len(result.predictions)} scored, {len(failed)} failed, {len(skipped)} skipped")
 
 
 def _common_folder(paths: list[str]) -> str:

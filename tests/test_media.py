@@ -57,6 +57,38 @@ def test_audio_resampled_to_16k_mono(media_dir):
     assert abs(len(wave) - 8000) <= 2
 
 
+@pytest.mark.parametrize("rate", [8000, 44100, 48000])
+def test_audio_resampling_keeps_time_and_level(media_dir, rate):
+    """Any source rate lands on the 16 kHz grid with no delay and the downmix's level: the output
+    is the ideal 16 kHz sine of the same tone to within the resampler's ripple."""
+    left, right = tone(1.0, rate), 0.5 * tone(1.0, rate)
+    path = write_wav(media_dir / "a.wav", np.stack([left, right], 1), rate=rate, channels=2)
+    wave = read_audio(path, 16000)
+    k = np.arange(len(wave))
+    ideal = 0.6 * 1.5 * np.sqrt(0.5) * np.sin(2 * np.pi * 220 * k / 16000)  # FFmpeg's stereo → mono
+    assert abs(len(wave) - 16000) <= 2
+    np.testing.assert_allclose(wave[400:-400], ideal[400:-400], atol=2e-3)
+
+
+def test_long_audio_is_streamed(media_dir, monkeypatch):
+    """Decoded frame by frame: the decoder never hands over more than one packet's samples at once."""
+    import av
+
+    sizes = []
+    real = av.AudioResampler.resample
+
+    def spy(self, frame):
+        out = real(self, frame)
+        sizes.extend(f.samples for f in out)
+        return out
+
+    monkeypatch.setattr(av.AudioResampler, "resample", spy)
+    path = write_wav(media_dir / "long.wav", tone(30.0, 48000), rate=48000)
+    wave = read_audio(path, 16000)
+    assert abs(len(wave) - 30 * 16000) <= 2 and sum(sizes) == len(wave)
+    assert max(sizes) < 16000  # well under a second per step, whatever the file's length
+
+
 def test_audio_of_video(media_dir):
     path = write_video(media_dir / "v.mp4", n_frames=25)
     wave = read_audio(path)

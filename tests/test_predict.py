@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import io
 import json
 import shutil
@@ -325,3 +326,33 @@ def test_cli_bad_model_exits_2(setup, tmp_path):
         res = CliRunner().invoke(_cli(), [str(corpus), "--model", str(model), "--workers", "0"])
         out = " ".join(res.output.split())
         assert res.exit_code == 2 and model.name in out and why in out, out
+
+
+@pytest.mark.parametrize("mode", ["folder", "files"])
+def test_hostile_corpus_every_input_accounted_for(setup, tmp_path, mode):
+    """The hostile-media corpus (tests/test_hostile.py) through `vqmae predict`, as a folder and as a
+    list of files: each input is scored, failed or skipped with a reason, in the CSV and the summary;
+    no traceback; exit code 1."""
+    from tests.test_hostile import build
+    from vqmae_cli.main import app
+
+    _, _, ckpt, _ = setup
+    root = tmp_path / "hostile"
+    inputs = build(root)
+    args = [str(root)] if mode == "folder" else [str(p) for p in inputs]
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(app, ["predict", *args, "--model", str(ckpt), "--face", "none",
+                                   "--device", "cpu", "--csv", str(out)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
+    expected = inputs + ([root / "spk" / "cycle"] if mode == "folder" else [])
+    assert sorted(os.path.abspath(r["path"]) for r in rows) == sorted(os.path.abspath(p) for p in expected)
+    status = {os.path.basename(r["path"]): r["status"] for r in rows}
+    assert all(r["message"].strip() for r in rows if r["status"] != "ok")
+    for name in ("good.mp4", "comma, name.mp4", "nön-äscii.mp4", "UPPER.MP4", "opus_voice.opus",
+                 "audio_only.mp4", "mpeg4_ac3.avi", "six_ch_48k_int32.wav", "stereo_8k.wav"):
+        assert status[name] == "ok", (name, status[name])
+    for name in ("dangling.mp4", "loop_a.mp4", "self.mp4"):
+        assert status[name] == "skipped", (name, status[name])
+    n = {s: sum(v == s for v in status.values()) for s in ("ok", "failed", "skipped")}
+    assert f"{n['ok']} scored, {n['failed']} failed, {n['skipped']} skipped" in " ".join(res.output.split())

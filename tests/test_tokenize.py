@@ -197,3 +197,37 @@ def test_tokenizer_training_resumes_exactly(tmp_path, modality):
     b = torch.load(part, weights_only=True)
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+@pytest.mark.parametrize("mode", ["folder", "manifest"])
+def test_hostile_corpus_every_input_accounted_for(trained, tmp_path, mode):
+    """The hostile-media corpus (tests/test_hostile.py) through `vqmae tokenize` with trained
+    tokenizers: every input is a store row and is encoded or listed in failures.csv with a reason."""
+    import os
+
+    from tests.test_hostile import build
+
+    _, _, _, run, _ = trained
+    root = tmp_path / "hostile"
+    inputs = build(root)
+    if mode == "folder":
+        source, expected = [str(root), "--kind", "folder"], inputs + [root / "spk" / "cycle"]
+    else:
+        manifest = tmp_path / "manifest.csv"
+        with open(manifest, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["path", "speaker"], *[[str(p), "spk"] for p in inputs]])
+        source, expected = [str(manifest)], inputs
+    store, hrun = tmp_path / "h.zarr", tmp_path / "hrun"
+    res = run_cli(["tokenize", *source, "--out", str(store), "--tokenizers", str(run / "tokenizers"),
+                   "--run-dir", str(hrun), "--face", "none", "--workers", "2", "--device", "cpu", *FAST], code=1)
+    assert "Traceback" not in res.output
+    table = TokenStore.open(store).clips
+    ok = sorted(os.path.abspath(p) for p in table["path"][table["status"] == "ok"])
+    failed = list(csv.DictReader(open(hrun / "failures.csv", newline="", encoding="utf-8")))
+    assert all(r["reason"].strip() for r in failed)
+    want = sorted(os.path.abspath(p) for p in expected)
+    assert sorted(ok + [os.path.abspath(r["path"]) for r in failed]) == want
+    assert sorted(os.path.abspath(p) for p in table["path"]) == want  # one store row per input
+    names = {os.path.basename(p) for p in ok}
+    assert {"good.mp4", "nön-äscii.mp4", "opus_voice.opus", "audio_only.mp4", "mpeg4_ac3.avi",
+            "six_ch_48k_int32.wav"} <= names

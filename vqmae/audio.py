@@ -73,26 +73,33 @@ def power_spectrogram(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     return power.transpose(1, 2).reshape(*lead, power.shape[-1], power.shape[1])
 
 
-# A longer wave is transformed STFT_CHUNK_FRAMES frames at a time (164 s at 50 frames/s): the complex
-# spectrogram and its framing copies of a long clip never exist whole, only the power does.
-STFT_CHUNK_FRAMES = 8192
+# A longer wave is transformed STFT_CHUNK_FRAMES frames at a time (41 s at 50 frames/s) into a
+# preallocated output: the complex spectrogram, its framing copies and a padded copy of a long clip
+# never exist whole, only the power does.
+STFT_CHUNK_FRAMES = 2048
 
 
 def _chunked_power(flat: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
-    """`power_spectrogram` of [B, N] in chunks of frames: the reflect padding `center=True` applies,
-    then frames [k·hop, k·hop + n_fft) of it, exactly as the one-shot transform frames them."""
-    half = cfg.n_fft // 2
-    padded = torch.nn.functional.pad(flat[:, None], (half, half), mode="reflect")[:, 0]
-    n_frames = flat.shape[-1] // cfg.hop_length + 1
+    """`power_spectrogram` of [B, N] in chunks of frames: frame k covers samples
+    [k·hop − n_fft/2, k·hop + n_fft/2) with the reflect padding `center=True` applies at both ends,
+    exactly as the one-shot transform frames them."""
+    half, hop, n = cfg.n_fft // 2, cfg.hop_length, flat.shape[-1]
+    n_frames = n // hop + 1
     window = _window(cfg, flat.device)
-    parts = []
+    out = torch.empty(flat.shape[0], n_frames, cfg.n_fft // 2 + 1, dtype=flat.dtype, device=flat.device)
     for lo in range(0, n_frames, STFT_CHUNK_FRAMES):
         hi = min(n_frames, lo + STFT_CHUNK_FRAMES)
-        seg = padded[:, lo * cfg.hop_length:(hi - 1) * cfg.hop_length + cfg.n_fft]
-        spec = torch.stft(seg, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+        a, b = lo * hop - half, (hi - 1) * hop + cfg.n_fft - half  # samples the frames cover
+        ext_lo, ext_hi = max(0, a - half), min(n, b + half)  # with enough beyond them to reflect
+        seg = flat[:, ext_lo:ext_hi]
+        left, right = max(0, -a), max(0, b - n)
+        if left or right:
+            seg = torch.nn.functional.pad(seg[:, None], (left, right), mode="reflect")[:, 0]
+        start = a - (ext_lo - left)
+        spec = torch.stft(seg[:, start:start + b - a], cfg.n_fft, hop_length=hop, win_length=cfg.win_length,
                           window=window, center=False, return_complex=True)  # [B, F, hi - lo]
-        parts.append((spec.real.square() + spec.imag.square()).transpose(1, 2))
-    return torch.cat(parts, 1)  # [B, T, F]
+        out[:, lo:hi] = (spec.real.square() + spec.imag.square()).transpose(1, 2)
+    return out
 
 
 def stft_phase(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:

@@ -230,15 +230,15 @@ def _load_spec(clip: ClipInfo, cfg: Config, n_video: int | None, *,
 def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]:
     cropper = get_cropper(cfg)
     cropper.reset()  # the cropper tracks boxes across calls: start each clip afresh
-    frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side)  # noqa: E731
+    info: dict = {}
+    frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side, info)  # noqa: E731
     try:
         kept: list[np.ndarray] | None = []
-        boxes, size = [], 0
-        for chunk in frames():  # pass 1: detection, keeping frames while they fit the buffer
+        boxes = []
+        for chunk in frames():  # pass 1: detection, keeping the frames when the whole video fits the buffer
             boxes.append(cropper.detect(chunk))
-            size += chunk.nbytes
-            if kept is not None:
-                kept = kept + [chunk] if size <= FRAME_BUFFER_BYTES else None
+            if kept is not None:  # a longer video is never buffered (not even its start): decoded twice
+                kept = kept + [chunk] if info["frames"] * chunk[0].nbytes <= FRAME_BUFFER_BYTES else None
         track, detected = cropper.track(np.concatenate(boxes))
         size = cfg.face.size
         spill = FrameSpill((size, size, 3)) if len(track) * size * size * 3 > SPILL_BYTES else None

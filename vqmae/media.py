@@ -1,4 +1,5 @@
-"""Media decoding with decord: video frames resampled to a fixed rate by timestamp, audio as 16 kHz mono.
+"""Media decoding: video frames with decord, resampled to a fixed rate by timestamp; audio with PyAV,
+streamed as 16 kHz mono.
 
 Every failure is a `MediaError` whose message starts with the file path and says why. Long videos are
 read in chunks (`iter_video`) so memory stays bounded by `chunk_frames`, not by the file's length.
@@ -103,31 +104,63 @@ def _check_file(path: Path) -> None:
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
-    """Decode the audio stream of a video or audio file → float32 mono [N] at `sample_rate`.
+    """Decode the first audio stream of a video or audio file → float32 mono [N] at `sample_rate`.
 
-    decord resamples and downmixes, so any input rate and channel count is accepted.
+    PyAV decodes packet by packet and libswresample converts each frame as it comes, so memory holds
+    the 16 kHz output and one frame, not the whole stream at its source rate and channel count (a
+    10-minute 48 kHz stereo track). Any rate, channel count and sample format is accepted; the
+    resampler's delay is compensated, so the output starts at the source's first sample. Packets the
+    decoder refuses are skipped (and counted in a warning); a stream with nothing decodable fails.
     """
-    from decord import AudioReader, cpu
+    import av
 
     path = Path(path)
     _check_file(path)
     try:
-        reader = AudioReader(str(path), ctx=cpu(0), sample_rate=sample_rate, mono=True)
-    except Exception as e:  # noqa: BLE001 - decord raises DECORDError/RuntimeError indiscriminately
-        reason = _first_line(e)
-        if "Can't find audio stream" in reason or "find audio stream" in str(e):
-            raise MediaError(path, "no audio stream") from None
-        raise MediaError(path, f"cannot open audio ({reason})") from None
-    try:
-        wave = reader[:].asnumpy()
-    except Exception as e:  # noqa: BLE001
-        raise MediaError(path, f"audio decoding failed ({_first_line(e)})") from None
-    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+        box = av.open(str(path), metadata_errors="ignore")
+    except Exception as e:  # noqa: BLE001 - av.error.* for every FFmpeg failure, OSError, ValueError
+        raise MediaError(path, f"cannot open audio ({_av_reason(e)})") from None
+    with box:
+        if not box.streams.audio:
+            raise MediaError(path, "no audio stream")
+        stream = box.streams.audio[0]
+        parts, bad, seen = [], 0, 0
+        try:
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for packet in box.demux(stream):
+                seen += 1
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    bad += 1
+                    continue
+                for frame in frames:
+                    parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+        except Exception as e:  # noqa: BLE001 - demuxer or resampler failure mid-stream
+            raise MediaError(path, f"audio decoding failed ({_av_reason(e)})") from None
+    if bad:
+        log.warning("%s: skipped %d of %d damaged audio packets", path, bad, seen)
+    wave = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
     if wave.size == 0:
-        raise MediaError(path, "audio stream has no samples")
+        raise MediaError(path, "audio stream has no samples" if not bad
+                         else f"audio stream has no decodable samples ({bad} damaged packets)")
     if not np.isfinite(wave).all():
         raise MediaError(path, "audio contains NaN or infinite samples")
     return wave
+
+
+def _av_reason(e: Exception) -> str:
+    """A PyAV / FFmpeg exception → its reason in words, without errno numbers or the file name."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(text).strip().splitlines()[0])
+    text = text.split(": '", 1)[0].strip()  # "…: '/the/path'" suffix
+    low = text.lower()
+    if "invalid data found" in low:
+        return "not a readable media file (corrupt, truncated or not audio)"
+    if "end of file" in low:
+        return "the file ends early (truncated)"
+    return decoder_note(text) or text
 
 
 def _open_video(path: Path, max_side: int):
@@ -228,11 +261,12 @@ def resample_indices(starts: np.ndarray, fps: float, n_out: int) -> np.ndarray:
 
 
 def iter_video(path: str | os.PathLike, fps: float = 25.0, chunk_frames: int = 128,
-               max_side: int = 640) -> Iterator[np.ndarray]:
+               max_side: int = 640, info: dict | None = None) -> Iterator[np.ndarray]:
     """Yield the video resampled to `fps` as uint8 RGB chunks [t, H, W, 3], t ≤ chunk_frames.
 
     Frames are picked by timestamp (29.97, 30, 23.976 and variable-rate inputs all map onto the same
-    25 fps grid); frames larger than `max_side` are downscaled by the decoder.
+    25 fps grid); frames larger than `max_side` are downscaled by the decoder. `info`, when given,
+    receives ``frames`` (how many frames will come) before the first chunk is yielded.
     """
     path = Path(path)
     reader = _open_video(path, max_side)
@@ -242,6 +276,8 @@ def iter_video(path: str | os.PathLike, fps: float = 25.0, chunk_frames: int = 1
     if n_out == 0:
         raise MediaError(path, f"video is shorter than one frame at {fps:g} fps ({duration:.3f} s)")
     index = resample_indices(ts[:, 0], fps, n_out)
+    if info is not None:
+        info["frames"] = n_out
     for lo in range(0, n_out, chunk_frames):
         want = index[lo:lo + chunk_frames]
         uniq, inverse = np.unique(want, return_inverse=True)

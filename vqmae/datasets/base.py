@@ -207,7 +207,7 @@ def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[MediaFile
                 is_dir, is_file = e.is_dir(), e.is_file()
             except OSError as err:
                 if media or e.is_symlink():
-                    skipped.append((e.path, _entry_error(err, e.is_symlink())))
+                    skipped.append((e.path, entry_error(err, e.is_symlink())))
                 continue
             if is_dir:
                 if media:
@@ -223,7 +223,7 @@ def iter_media(root: Path, skipped: list[tuple[str, str]]) -> Iterator[MediaFile
     yield from walk(str(root), ())
 
 
-def _entry_error(err: OSError, link: bool) -> str:
+def entry_error(err: OSError, link: bool) -> str:
     """Why a directory entry cannot be read, in words."""
     if err.errno == errno.ELOOP:
         return "symlink loop (the link resolves to itself)"

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from vqmae.datasets.base import (EMOTIONS, MEDIA_EXTS, SPLIT_ALIASES, Adapter, ClipInfo, DatasetError,
-                                 Found, _entry_error, _ext, canonical_emotion, is_video)
+                                 Found, entry_error, _ext, canonical_emotion, is_video)
 
 CSV_REQUIRED = ("path", "speaker")
 CSV_NUMBERS = ("valence", "arousal", "dominance")
@@ -104,7 +104,7 @@ def _csv_media_problem(path: Path, where: str) -> str | None:
     except OSError as e:  # missing, a symlink loop, a dangling link, no permission
         if e.errno == errno.ENOENT and not os.path.islink(path):
             return f"listed at {where} but does not exist"
-        return f"listed at {where} but {_entry_error(e, os.path.islink(path))}"
+        return f"listed at {where} but {entry_error(e, os.path.islink(path))}"
     if path.is_dir():
         return f"listed at {where} but is a directory, not a media file"
     if not path.is_file():

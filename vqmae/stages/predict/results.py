@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo
+from vqmae.datasets import MEDIA_EXTS, VIDEO_EXTS, ClipInfo, iter_media
+from vqmae.datasets.base import entry_error
 from vqmae.ingest import Failure
 
 ARRAYS = "<arrays>"  # the `path` of a prediction made from arrays rather than a file
@@ -80,18 +81,29 @@ class PredictResult:
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[Failure]]:
     """Files to score, in the given order (a folder → its media files, recursively, sorted), and a
-    Failure for each path that does not exist or is not a media file."""
+    Failure (stage "scan": skipped) for every input that is not scored: a path that does not exist,
+    a symlink loop or dangling link, a file that is not media, and whatever a folder scan skips
+    (links, loops and directories named like media, each with its reason)."""
     files, failures = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_EXTS)
-            if not found:
+            skipped: list[tuple[str, str]] = []
+            found = sorted(m.path for m in iter_media(p, skipped))
+            failures += [Failure(path, "scan", reason) for path, reason in skipped]
+            if not found and not skipped:
                 failures.append(Failure(str(p), "scan", f"no media files ({' '.join(MEDIA_EXTS)}) in this folder"))
             files += found
-        elif not p.exists():
-            failures.append(Failure(str(p), "scan", "no such file"))
-        elif p.suffix.lower() not in MEDIA_EXTS:
+            continue
+        try:
+            os.stat(p)  # follows links: a loop or a dangling link fails here
+        except OSError as err:
+            link = p.is_symlink()
+            failures.append(Failure(str(p), "scan", entry_error(err, link) if link else "no such file"))
+            continue
+        if p.suffix.lower() not in MEDIA_EXTS:
             failures.append(Failure(str(p), "scan", f"not a media file (expected one of {' '.join(MEDIA_EXTS)})"))
+        elif not p.is_file():
+            failures.append(Failure(str(p), "scan", "not a regular file (a device, socket or pipe)"))
         else:
             files.append(str(p))
     return files, failures
@@ -110,6 +122,11 @@ def _failure(path: str, e: Exception) -> Failure:
 
 
 
+def _status(f: Failure) -> str:
+    """"skipped" for an input the scan passed over (not media, missing, a link loop), else "failed"."""
+    return "skipped" if f.stage == "scan" else "failed"
+
+
 def to_json(result: PredictResult, *, model: str, task: str, names: Sequence[str], modality: str,
             timeline: bool, speaker_norm: str | None) -> dict[str, Any]:
     """The whole result as one JSON object. ``speaker_norm``: whose mean features a
@@ -117,7 +134,7 @@ def to_json(result: PredictResult, *, model: str, task: str, names: Sequence[str
     return {"model": model, "task": task, "names": list(names), "modality": modality,
             "speaker_norm": speaker_norm,
             "predictions": [p.to_dict(timeline=timeline) for p in result.predictions],
-            "failures": [{"path": f.path, "status": "failed", "stage": f.stage, "reason": f.reason}
+            "failures": [{"path": f.path, "status": _status(f), "stage": f.stage, "reason": f.reason}
                          for f in result.failures]}
 
 
@@ -135,5 +152,5 @@ def to_csv(result: PredictResult, names: tuple[str, ...], timeline: bool) -> str
                 top = "" if p.top is None else names[int(scores.argmax())]
                 w.writerow([p.path, "ok", f"{start:.4f}", p.modality, top, *[f"{v:.6g}" for v in scores], ""])
     for f in result.failures:
-        w.writerow([f.path, "failed", "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
+        w.writerow([f.path, _status(f), "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
     return buf.getvalue()
