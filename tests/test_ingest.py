@@ -180,3 +180,17 @@ def test_long_clip_crops_spill_to_disk_and_read_back_equal(face_video, monkeypat
     assert os.path.exists(path)
     del received  # the receiver's copy deletes it
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_long_clip_reports_progress_by_chunk(media_dir, workers):
+    """Each decoded chunk of frames is reported (detection pass, then crop pass) with its clip, so a
+    long clip's progress can be shown and its timeout restarted."""
+    path = write_video(media_dir / "v.mp4", n_frames=40, size=64)
+    cfg = load_config("tiny", ["face.mode=none", "video.chunk_frames=16"])
+    seen = []
+    out = list(ingest([clip(path)], cfg, workers=workers,
+                      on_progress=lambda c, done, total: seen.append((c.path, done, total))))
+    assert out[0][2] is None and len(out[0][1].faces) == 40
+    assert [d for _, d, _ in seen] == [16, 32, 40, 56, 72, 80]
+    assert {t for _, _, t in seen} == {80} and {p for p, _, _ in seen} == {str(path)}

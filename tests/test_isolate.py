@@ -56,6 +56,35 @@ def test_timeout_per_item():
     assert out[0].value == 4 and out[2].value == 9
 
 
+def steps(x):
+    """`x` steps of 0.4 s, each reported as progress; a negative `x` reports once, then stalls."""
+    from vqmae.isolate import progress
+
+    for k in range(abs(x)):
+        time.sleep(0.4)
+        progress(k + 1, abs(x))
+        if x < 0:
+            time.sleep(60)
+    return x
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_progress_reaches_the_parent_and_restarts_the_timeout(workers):
+    """An item that keeps reporting progress runs past its timeout (1 s; it takes 2.4 s); every report
+    reaches on_progress with its item, in order."""
+    seen = []
+    out = by_index(isolated_map(steps, [6, 2], workers=workers, timeout=1.0, context="fork",
+                                on_progress=lambda item, done, total: seen.append((item, done, total))))
+    assert out[0].ok and out[0].value == 6 and out[1].ok
+    assert [d for i, d, t in seen if i == 6] == [1, 2, 3, 4, 5, 6] and (2, 2, 2) in seen
+
+
+def test_stalled_progress_times_out():
+    out = by_index(isolated_map(steps, [-3, 2], workers=1, timeout=1.0, context="fork"))
+    assert out[0].crashed and out[0].error == "timed out: no progress for 1 s"
+    assert out[1].ok
+
+
 def test_slow_consumer_never_turns_a_finished_item_into_a_timeout():
     got = {}
     for o in isolated_map(time.sleep, [0.3, 1.0], workers=2, timeout=2.0, context="fork"):

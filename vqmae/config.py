@@ -45,7 +45,7 @@ class VideoConfig:
     chunk_frames: int = 128
     # Longest side of frames handed to the face detector (decode-time resize keeps detection cheap).
     max_side: int = 640
-    clip_timeout_s: float = 600.0  # a clip still decoding after this long fails (0: none); ×size/200 MB above
+    clip_timeout_s: float = 600.0  # a clip this long without progress fails (0: none); ×size/200 MB above
 
 
 @dataclass(frozen=True)

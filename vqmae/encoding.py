@@ -19,7 +19,7 @@ from vqmae.audio import NoiseSpec
 from vqmae.checkpoint import LoadedTokenizer
 from vqmae.config import Config
 from vqmae.datasets import ClipInfo
-from vqmae.ingest import ClipData, Failure, ingest
+from vqmae.ingest import ClipData, Failure, clip_progress, ingest
 from vqmae.models.tokenizers import encode_frames
 from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
 from vqmae.training import Reporter
@@ -110,7 +110,8 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
                                        "scan", reason)
         # completion order: `merge` sorts by index, and holding early finishers back for a slow
         # clip would keep their arrays in memory
-        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers, noise=noise):
+        for clip, data, failure in ingest(todo, cfg, modalities, workers=workers, noise=noise,
+                                          on_progress=clip_progress(reporter, "encode")):
             if failure is not None:
                 failures.append(failure)
                 if failure.stage != "decode":  # a crash or timeout may be transient: retry on rerun

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from vqmae.audio import (NoiseSpec, SilentAudioError, add_noise, frames_for_samp
 from vqmae.config import Config
 from vqmae.datasets import ClipInfo
 from vqmae.faces import FaceCropper, NoFaceError
-from vqmae.isolate import Outcome, isolated_map
+from vqmae.isolate import Outcome, isolated_map, progress
 from vqmae.media import NO_VIDEO_STREAM, MediaError, decoder_note, iter_video, read_audio
 
 
@@ -234,11 +234,13 @@ def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]
     frames = lambda: iter_video(path, cfg.video.fps, cfg.video.chunk_frames, cfg.video.max_side, info)  # noqa: E731
     try:
         kept: list[np.ndarray] | None = []
-        boxes = []
+        boxes, done = [], 0
         for chunk in frames():  # pass 1: detection, keeping the frames when the whole video fits the buffer
             boxes.append(cropper.detect(chunk))
             if kept is not None:  # a longer video is never buffered (not even its start): decoded twice
                 kept = kept + [chunk] if info["frames"] * chunk[0].nbytes <= FRAME_BUFFER_BYTES else None
+            done += len(chunk)  # progress in frames: detection, then cropping (decoded again or not)
+            progress(done, 2 * info["frames"])
         track, detected = cropper.track(np.concatenate(boxes))
         size = cfg.face.size
         spill = FrameSpill((size, size, 3)) if len(track) * size * size * 3 > SPILL_BYTES else None
@@ -250,6 +252,7 @@ def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]
             else:
                 crops.append(crop)
             lo += len(chunk)
+            progress(len(track) + lo, 2 * len(track))
     except MediaError as e:
         raise ClipError(e.path, "video", e.reason) from None
     except NoFaceError as e:
@@ -316,6 +319,15 @@ class Failure:
 LIMIT_BYTES = 200 << 20
 
 
+def clip_progress(reporter: Any, phase: str) -> Callable[[ClipInfo, int, int], None]:
+    """An `on_progress` for `ingest` that shows a long clip's progress in `phase`'s progress line
+    (a clip of a minute or more: 1,500 frames at 25 fps, two passes)."""
+    def show(clip: ClipInfo, done: int, total: int) -> None:
+        if total >= 3000:
+            reporter.advance(phase, 0, clip=f"{os.path.basename(clip.path)} {done / total:.0%}")
+    return show
+
+
 def clip_time_limit(base: float, clip: ClipInfo) -> float:
     """`base` seconds, times the clip's media size over `LIMIT_BYTES` when that is more than 1."""
     size = 0
@@ -331,13 +343,16 @@ def clip_time_limit(base: float, clip: ClipInfo) -> float:
 def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = MODALITIES, *,
            workers: int = 1, keep_arrays: bool = True, timeout: float | None = None,
            noise: NoiseSpec | None = None,
+           on_progress: Callable[[ClipInfo, int, int], None] | None = None,
            ) -> Iterator[tuple[ClipInfo, ClipData | None, Failure | None]]:
     """Load many clips in crash-isolated worker processes; yield (clip, data, failure) as they finish.
 
     Exactly one of `data` / `failure` is set. `workers=0` loads in this process (no isolation).
-    `noise` is passed to `load_clip` (noisy audio for robustness evaluation). A clip that takes
-    longer than its time limit fails: `timeout` seconds (default `cfg.video.clip_timeout_s`; 0 or
-    None: no limit), scaled up for large files (`clip_time_limit`).
+    `noise` is passed to `load_clip` (noisy audio for robustness evaluation). A clip fails when it
+    runs past its time limit without progress: `timeout` seconds (default `cfg.video.clip_timeout_s`;
+    0 or None: no limit), scaled up for large files (`clip_time_limit`) and restarted by every chunk of
+    video frames decoded, which also reaches `on_progress(clip, done, total)` (frames of the detection
+    and crop passes), so a long clip shows its progress and is not cut off while it moves.
     """
     if timeout is None:
         timeout = cfg.video.clip_timeout_s
@@ -345,7 +360,8 @@ def ingest(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str] = M
     config = cfg.to_dict()  # one shared dict, not one copy per clip
     tasks = [_Task(c, config, tuple(modalities), keep_arrays, noise) for c in clips]
     limit = None if timeout is None else (lambda task: clip_time_limit(timeout, task.clip))  # noqa: E731
-    for o in isolated_map(_run_task, tasks, workers=workers, timeout=limit):
+    hook = None if on_progress is None else (lambda task, done, total: on_progress(task.clip, done, total))  # noqa: E731
+    for o in isolated_map(_run_task, tasks, workers=workers, timeout=limit, on_progress=hook):
         if o.ok:
             yield o.item.clip, o.value, None
         else:

@@ -3,7 +3,8 @@
 decord (unmaintained since 2021) can segfault on some corrupt files. `isolated_map` gives each worker
 one item at a time over its own pipe, so when a worker dies the parent knows exactly which file killed
 it, records that file as failed ("decoder crashed: killed by SIGSEGV"), starts a fresh worker and goes
-on. A per-item timeout catches decoders that hang.
+on. A per-item timeout catches decoders that hang: it counts from the item's start or from the last
+`progress` the item reported, so a long file that keeps moving is never cut off.
 
 What native code writes to the process's stderr (FFmpeg's log lines inside decord) would otherwise
 reach the user's terminal before, and apart from, the failure it explains. Each worker points file
@@ -30,6 +31,17 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
+
+# Where `progress` goes: the worker's pipe (set in `_worker`), or the parent's callback with workers=0.
+_progress_sink: Callable[[int, int], None] | None = None
+
+
+def progress(done: int, total: int) -> None:
+    """Called by the mapped function while it works on one long item: `done` of `total` units so
+    far. The parent hears of it (`isolated_map`'s `on_progress`) and restarts the item's timeout.
+    Does nothing outside `isolated_map`."""
+    if _progress_sink is not None:
+        _progress_sink(done, total)
 
 
 @dataclass
@@ -79,11 +91,13 @@ def _worker(fn: Callable, conn, initializer: Callable | None, initargs: tuple,
     log_fd = _capture_native_stderr(log_path) if log_path else None
     if initializer is not None:
         initializer(*initargs)
+    global _progress_sink
     while True:
         task = conn.recv()
         if task is None:
             return
         index, item = task
+        _progress_sink = lambda done, total, index=index: conn.send(("progress", index, done, total))  # noqa: E731
         if log_fd is not None:  # this item's log only
             os.ftruncate(2, 0)
             os.lseek(2, 0, os.SEEK_SET)
@@ -107,12 +121,13 @@ class _Slot:
         self.proc.start()
         child.close()
         self.task: tuple[int, Any] | None = None
-        self.since = 0.0
+        self.since = 0.0  # when the current item started or last reported progress
+        self.progressed = False
         self.limit: float | None = None  # the current item's timeout
 
     def give(self, index: int, item: Any, limit: float | None = None) -> None:
         self.task = (index, item)
-        self.since = time.monotonic()
+        self.since, self.progressed = time.monotonic(), False
         self.limit = limit
         self.conn.send((index, item))
 
@@ -156,24 +171,30 @@ def _crash_reason(exitcode: int | None) -> str:
 def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1, *,
                  timeout: float | Callable[[Any], float | None] | None = None,
                  initializer: Callable | None = None, initargs: tuple = (),
+                 on_progress: Callable[[Any, int, int], None] | None = None,
                  context: str = "spawn") -> Iterator[Outcome]:
     """Yield an `Outcome` per item, in completion order, computing `fn(item)` in `workers` processes.
 
     `fn` must be importable by the workers (a module-level function). `workers=0` runs in this
     process: no crash isolation, but easy to debug. Exceptions raised by `fn` become failed
     outcomes carrying the exception; a worker that dies or exceeds `timeout` seconds on an item fails
-    that item only and is replaced. `timeout` may be a function of the item (None: no limit).
+    that item only and is replaced. `timeout` may be a function of the item (None: no limit); it
+    restarts whenever the item reports `progress`, which reaches `on_progress(item, done, total)`.
     """
     todo = deque(enumerate(items))
     limit_of = timeout if callable(timeout) else (lambda item: timeout)  # noqa: E731
     if workers <= 0:
+        global _progress_sink
         if initializer is not None:
             initializer(*initargs)
         for index, item in todo:
+            _progress_sink = (lambda d, t, item=item: on_progress(item, d, t)) if on_progress else None
             try:
                 yield Outcome(index, item, True, fn(item))
             except Exception as e:  # noqa: BLE001
                 yield Outcome(index, item, False, error=_describe(e), exception=e)
+            finally:
+                _progress_sink = None
         return
 
     ctx = mp.get_context(context)
@@ -189,7 +210,7 @@ def isolated_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 
             for i, slot in enumerate(slots):
                 if slot.task is None:
                     continue
-                outcome = _collect(slot, ready)
+                outcome = _collect(slot, ready, on_progress)
                 if outcome is None:
                     continue
                 yield outcome
@@ -216,16 +237,24 @@ def _time_left(busy: list[_Slot]) -> float | None:
     return max(0.0, min(s.since + s.limit - now for s in limited))
 
 
-def _collect(slot: _Slot, ready: list) -> Outcome | None:
-    """The slot's finished outcome, or None while it is still working."""
+def _collect(slot: _Slot, ready: list, on_progress: Callable | None = None) -> Outcome | None:
+    """The slot's finished outcome, or None while it is still working (progress reports are passed
+    on and restart the item's clock)."""
     index, item = slot.task
     # poll() rather than `in ready`: `ready` may be stale after the caller spent time on an
     # earlier outcome, and a finished result must never be mistaken for a timeout.
-    if slot.conn.poll():
+    while slot.conn.poll():
         try:
-            got, ok, value, exc = slot.conn.recv()
+            msg = slot.conn.recv()
         except (EOFError, OSError):
-            got = None
+            break
+        if msg[0] == "progress":
+            if msg[1] == index:
+                slot.since, slot.progressed = time.monotonic(), True
+                if on_progress is not None:
+                    on_progress(item, msg[2], msg[3])
+            continue
+        got, ok, value, exc = msg
         if got == index:
             slot.task = None
             if ok:
@@ -238,6 +267,6 @@ def _collect(slot: _Slot, ready: list) -> Outcome | None:
                        log=slot.log())
     if slot.limit is not None and time.monotonic() - slot.since > slot.limit:
         slot.task = None
-        return Outcome(index, item, False, error=f"timed out after {slot.limit:g} s", crashed=True,
-                       log=slot.log())
+        why = f": no progress for {slot.limit:g} s" if slot.progressed else f" after {slot.limit:g} s"
+        return Outcome(index, item, False, error=f"timed out{why}", crashed=True, log=slot.log())
     return None

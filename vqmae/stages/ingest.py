@@ -20,7 +20,7 @@ import numpy as np
 
 from vqmae.config import Config
 from vqmae.datasets import scan
-from vqmae.ingest import MODALITIES, Failure, ingest
+from vqmae.ingest import MODALITIES, Failure, clip_progress, ingest
 from vqmae.training import Reporter
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
@@ -48,7 +48,8 @@ def ingest_report(data: str | Path, cfg: Config, run_dir: str | Path, *, kind: s
     rows, failures, previews = [], [], []
     t0 = time.perf_counter()
     reporter.start("ingest", len(clips))
-    for clip, got, failure in ingest(clips, cfg, modalities, workers=workers):
+    for clip, got, failure in ingest(clips, cfg, modalities, workers=workers,
+                                     on_progress=clip_progress(reporter, "ingest")):
         reporter.advance("ingest")
         if failure is not None:
             failures.append(failure)

@@ -32,7 +32,7 @@ from vqmae.config import AudioConfig, Config, view_differences
 from vqmae.datasets import ClipInfo, scan
 from vqmae.encoding import TokenizeError, encode_corpus, store_failures
 from vqmae.framepool import FramePool
-from vqmae.ingest import ClipData, Failure, ingest
+from vqmae.ingest import ClipData, Failure, clip_progress, ingest
 from vqmae.models.tokenizers import build_tokenizer, decode_codes, encode_frames, faces_to_tensor
 from vqmae.expression import expression_agreement
 from vqmae.prosody import prosody_agreement
@@ -97,7 +97,8 @@ def fill_pools(clips: Sequence[ClipInfo], cfg: Config, modalities: Sequence[str]
         if "visual" in modalities else None,
     )
     reporter.start(name, len(clips))
-    for i, (clip, data, failure) in enumerate(ordered(ingest(clips, cfg, modalities, workers=workers),
+    for i, (clip, data, failure) in enumerate(ordered(ingest(clips, cfg, modalities, workers=workers,
+                                                             on_progress=clip_progress(reporter, name)),
                                                       clips)):
         if failure is not None:
             pools.failures.append(failure)
