@@ -27,14 +27,15 @@ from vqmae.models.tokenizers import encode_frames
 from vqmae.models.tokenizers import build_tokenizer
 from vqmae.utils import sha256_file
 
-# Small but real: 513-bin spectrogram frames → 16 audio ids (codebook 32); 32 × 32 faces → 8 × 8
-# visual ids (codebook 64); 0.4 s windows = 20 audio + 10 visual frames.
+# Small but real: 513-bin spectrogram frames → 16 spectral ids (codebook 32) + the tiny preset's 4 prosody
+# ids (102 more ids); 32 × 32 faces → 8 × 8 visual ids (codebook 64); 0.4 s windows = 20 audio + 10 visual
+# frames.
 CFG = ["audio_vq.n_tokens=16", "audio_vq.codebook_size=32", "audio_vq.channels=8",
        "visual_vq.channels=8", "visual_vq.codebook_size=64", "face.size=32", "mae.window_seconds=0.4",
        "mae.width=32", "mae.heads=2", "mae.encoder_depth=1", "mae.decoder_depth=1", "mae.head_dim=8",
        "finetune.inits=scratch", "finetune.folds=3", "finetune.epochs=1", "finetune.batch_size=8",
        "finetune.eval_modalities=av"]
-TA, TV, K_A, GRID_V = 20, 10, 16, (8, 8)
+TA, TV, K_A, CB_A, GRID_V = 20, 10, 16 + 4, 32 + 102, (8, 8)
 # torch 2.14 deprecates torch.jit.load; loading the files with it is the point here
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
 
@@ -81,7 +82,8 @@ def clip_scores(wave, faces):
     a = meta["features"]["audio"]
     fit = len(faces) * a["sample_rate"] // int(meta["features"]["visual"]["fps"])  # the recipe's first step
     wave = torch.nn.functional.pad(wave, (0, max(0, fit - len(wave))))[:fit]
-    wave = wave / wave.abs().max()
+    if a["peak_normalize"]:
+        wave = wave / wave.abs().max()
     s = torch.stft(wave, a["n_fft"], a["hop_length"], a["win_length"],
                    torch.hann_window(a["win_length"]), center=True, pad_mode="reflect",
                    return_complex=True)
@@ -121,14 +123,14 @@ def _tokenizers(directory, cfg, seed=0):
 def _store(path, toks):
     """12 clips of 3 speakers (the last of each audio-only) in codes of `toks`, paths recorded."""
     sha = {m: checkpoint_sha256(p) for m, p in toks.items()}
-    specs = {"audio": ModalitySpec("audio", 32, (K_A,), 50.0, sha["audio"]),
+    specs = {"audio": ModalitySpec("audio", CB_A, (K_A,), 50.0, sha["audio"]),
              "visual": ModalitySpec("visual", 64, GRID_V, 25.0, sha["visual"])}
     rng = np.random.default_rng(0)
     record = {"tokenizers": {m: {"path": str(p), "sha256": sha[m]} for m, p in toks.items()}}
     with StoreWriter(path, specs, config=record) as w:
         for n in range(12):
             tv = int(rng.integers(8, 25))
-            codes = {"audio": rng.integers(0, 32, (2 * tv, K_A))}
+            codes = {"audio": rng.integers(0, CB_A, (2 * tv, K_A))}
             if n % 4 != 3:
                 codes["visual"] = rng.integers(0, 64, (tv, 64))
             w.add({"clip_id": f"c{n}", "index": n, "speaker": f"spk{n // 4}",
@@ -337,7 +339,7 @@ def test_cli_summary_and_errors(built, tmp_path, monkeypatch):
     res = CliRunner().invoke(_cli(), [str(av), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     for name in ("classifier.ts", "audio_encoder.ts", "visual_encoder.ts", "export.json",
-                 "audio int64 [B, 20, 16]", "faces uint8 [N, 32, 32, 3]"):
+                 "audio int64 [B, 20, 20]", "faces uint8 [N, 32, 32, 3]"):
         assert name in res.output
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -450,10 +452,11 @@ def test_hub_folder_round_trip(built, tmp_path, monkeypatch):
     original, shared = Predictor.load(av), Predictor.from_pretrained(hub)
     assert Predictor.load(hub).path == hub
     rng = np.random.default_rng(0)
-    arrays = {"audio": rng.integers(0, 32, (90, K_A)), "visual": rng.integers(0, 64, (45, *GRID_V))}
+    arrays = {"audio": rng.integers(0, CB_A, (90, K_A)), "visual": rng.integers(0, 64, (45, *GRID_V))}
     a, b = original.predict(arrays), shared.predict(arrays)
     assert a.names == b.names and np.array_equal(a.scores, b.scores)
-    (hub / "model.safetensors").write_bytes((hub / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    data = (hub / "model.safetensors").read_bytes()  # its last 8 bytes flipped
+    (hub / "model.safetensors").write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
     with pytest.raises(PredictError, match=r"model\.safetensors: sha256 .* is not the .* config\.json records"):
         Predictor.from_pretrained(hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -130,7 +130,7 @@ def test_clip_timeout_comes_from_the_config(monkeypatch, tmp_path):
     """video.clip_timeout_s bounds each clip's decoding (0: no limit); an explicit timeout wins."""
     seen = []
 
-    def fake_map(fn, tasks, workers, timeout):
+    def fake_map(fn, tasks, workers, timeout, on_progress=None):
         seen.append(None if timeout is None else timeout(tasks[0]))
         return iter(())
 

@@ -29,7 +29,7 @@ FACE = cv2.resize(astronaut()[0:260, 110:330], (128, 128))
 CFG = load_config("tiny", ["face.mode=haar", "audio_vq.steps=12", "visual_vq.steps=6",
                            "audio_vq.batch_frames=32", "visual_vq.batch_frames=4",
                            "audio_vq.warmup_steps=2", "visual_vq.warmup_steps=2",
-                           "store.segment_clips=2"])
+                           "store.segment_clips=2", "audio.peak_normalize=true"])
 
 
 def snr_db(clean: np.ndarray, noisy: np.ndarray) -> float:

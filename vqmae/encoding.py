@@ -11,6 +11,7 @@ with the tokenizers' own settings (`feature_config`), never with today's flags.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -118,6 +119,8 @@ def encode_corpus(clips: Sequence[ClipInfo], cfg: Config, store: Path,
                     writer.add_failure(clip_record(clip, index[clip.clip_id]), failure.stage,
                                        failure.reason)
             else:
+                if data.n_audio_frames >= 3000:  # a minute or more: say where the time goes now
+                    reporter.advance("encode", 0, clip=f"{os.path.basename(clip.path)} decoded, encoding")
                 codes = {}
                 if data.spec is not None:
                     codes["audio"] = encode_frames(tokenizers["audio"].model, "audio", data.spec, device)

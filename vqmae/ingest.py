@@ -201,11 +201,12 @@ def spec_from_wave(wave: np.ndarray, cfg: Config, n_video: int | None = None, *,
 
         wave = add_noise(wave, noise, key)
     x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    try:  # silence is refused whether or not the level is normalised
+        normalised = peak_normalize(x)
+    except SilentAudioError as e:
+        raise ValueError(str(e)) from None
     if cfg.audio.peak_normalize:
-        try:
-            x = peak_normalize(x)
-        except SilentAudioError as e:
-            raise ValueError(str(e)) from None
+        x = normalised
     spec = power_spectrogram(x, cfg.audio)[:n_frames]  # [Ta, F]
     return spec.numpy().astype(np.float32, copy=False), offset
 
@@ -324,7 +325,7 @@ def clip_progress(reporter: Any, phase: str) -> Callable[[ClipInfo, int, int], N
     (a clip of a minute or more: 1,500 frames at 25 fps, two passes)."""
     def show(clip: ClipInfo, done: int, total: int) -> None:
         if total >= 3000:
-            reporter.advance(phase, 0, clip=f"{os.path.basename(clip.path)} {done / total:.0%}")
+            reporter.advance(phase, 0, clip=f"{os.path.basename(clip.path)} decoded {done / total:.0%}")
     return show
 
 

@@ -68,7 +68,9 @@ class ProsodyIds(nn.Module):
         high = mag[:, self.lo + 1].view(-1, n_c, n_h)
         score = ((low * (1 - self.frac) + high * self.frac) * self.weight).sum(-1)  # [B, C]
         best, arg = score.max(1)
-        strength = best / (score.median(1).values + 1e-12)
+        # the lower median, as `Tensor.median` gives it, through a sort: ONNX has no median operator
+        median = score.sort(1).values[:, (score.shape[1] - 1) // 2]
+        strength = best / (median + 1e-12)
         f0 = self.cands[arg]
         energy = 10.0 * torch.log10(power.sum(1) + 1e-10)
         voiced = (strength >= VOICING) & (energy >= VOICED_MIN_DB)
