@@ -27,10 +27,10 @@ from vqmae.models.tokenizers import encode_frames
 from vqmae.models.tokenizers import build_tokenizer
 from vqmae.utils import sha256_file
 
-# Small but real: 513-bin spectrogram frames → 16 spectral ids (codebook 32) + the tiny preset's 4 prosody
-# ids (102 more ids); 32 × 32 faces → 8 × 8 visual ids (codebook 64); 0.4 s windows = 20 audio + 10 visual
+# Small but real: 513-bin spectrogram frames → 16 spectral ids (codebook 32) + 4 prosody ids (102 more
+# ids, so that they are exported too); 32 × 32 faces → 8 × 8 visual ids (codebook 64); 0.4 s windows = 20 audio + 10 visual
 # frames.
-CFG = ["audio_vq.n_tokens=16", "audio_vq.codebook_size=32", "audio_vq.channels=8",
+CFG = ["audio_vq.n_tokens=16", "audio_vq.codebook_size=32", "audio_vq.channels=8", "audio_vq.prosody_ids=true",
        "visual_vq.channels=8", "visual_vq.codebook_size=64", "face.size=32", "mae.window_seconds=0.4",
        "mae.width=32", "mae.heads=2", "mae.encoder_depth=1", "mae.decoder_depth=1", "mae.head_dim=8",
        "finetune.inits=scratch", "finetune.folds=3", "finetune.epochs=1", "finetune.batch_size=8",

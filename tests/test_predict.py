@@ -163,7 +163,7 @@ def test_codes_input_equals_stage3_in_every_mode(setup):
             got = p.predict(codes, modality=mode)
             np.testing.assert_allclose(got.scores, w, atol=1e-5)
             assert got.modality == mode
-    spec = store.specs["audio"]  # the tiny preset's 64 spectral codes + 4 prosody ids per frame
+    spec = store.specs["audio"]
     bad = {"audio": np.full((20, *spec.grid), 9999, np.int64)}
     with pytest.raises(InputError, match=rf"audio codes outside \[0, {spec.codebook_size}\)"):
         p.predict(bad)

@@ -18,7 +18,7 @@ from vqmae.windows import WindowData, batch_dict
 OVERRIDES = ["mae.window_seconds=0.4", "mae.width=32", "mae.heads=2", "mae.encoder_depth=1",
              "mae.decoder_depth=1", "mae.head_dim=8", "pretrain.batch_size=4", "pretrain.steps=2",
              "pretrain.warmup_steps=1", "pretrain.val_every=2", "pretrain.ckpt_every=2",
-             "pretrain.val_fraction=0.3", "audio_vq.prosody_ids=false"]  # the store below has 64 codes a frame
+             "pretrain.val_fraction=0.3"]
 
 
 def build(tmp_path):

@@ -87,7 +87,7 @@ def test_train_and_encode(trained):
         assert s.specs[m].tokenizer_sha256 == checkpoint_sha256(run / "tokenizers" / f"{kind}.pt")
         codes = s.codes(m)
         assert codes.dtype == np.uint16 and codes.max() < s.specs[m].codebook_size
-    assert s.specs["visual"].grid == (24, 24) and s.specs["audio"].grid == (68,)  # 64 codes + 4 prosody ids
+    assert s.specs["visual"].grid == (24, 24) and s.specs["audio"].grid == (64,)
     for name in ("audio_recon.png", "visual_recon.png", "audio_codebook.png", "eval.json"):
         assert (run / "tokenizers" / name).exists()
     assert (run / "metrics.jsonl").read_text().count("\n") >= 4

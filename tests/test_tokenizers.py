@@ -36,8 +36,8 @@ def _seed_and_one_thread():
 
 
 @pytest.fixture(scope="module")
-def cfg():  # the spectral codes alone (the tiny preset adds prosody ids: tested with them below)
-    return load_config("tiny", ["audio_vq.prosody_ids=false"])
+def cfg():
+    return load_config("tiny")
 
 
 def spectra(n: int, seed: int = 0) -> torch.Tensor:
@@ -278,7 +278,7 @@ def test_visual_shapes_and_contract(cfg):
 
 def test_build_tokenizer_uses_config_sizes(cfg):
     audio = build_tokenizer("audio_vqvae", load_config("tiny", ["audio.n_fft=512"]))
-    assert audio.n_bins == 257 and audio.grid == (68,)  # the tiny preset: 64 spectral codes + 4 prosody ids
+    assert audio.n_bins == 257 and audio.grid == (64,)
     assert build_tokenizer("audio_vqvae", cfg).frame_rate == cfg.audio.frame_rate
     vis = build_tokenizer("visual_vqvae", load_config("tiny", ["face.size=64", "video.fps=30"]))
     assert vis.grid == (16, 16) and vis.frame_rate == 30.0
