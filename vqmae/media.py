@@ -119,7 +119,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     try:
         box = av.open(str(path), metadata_errors="ignore")
     except Exception as e:  # noqa: BLE001 - av.error.* for every FFmpeg failure, OSError, ValueError
-        raise MediaError(path, f"cannot open audio ({_av_reason(e)})") from None
+        raise MediaError(path, f"cannot open audio: {_av_reason(e)}") from None
     with box:
         if not box.streams.audio:
             raise MediaError(path, "no audio stream")
@@ -138,7 +138,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
                     parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
         except Exception as e:  # noqa: BLE001 - demuxer or resampler failure mid-stream
-            raise MediaError(path, f"audio decoding failed ({_av_reason(e)})") from None
+            raise MediaError(path, f"audio decoding failed: {_av_reason(e)}") from None
     if bad:
         log.warning("%s: skipped %d of %d damaged audio packets", path, bad, seen)
     wave = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
