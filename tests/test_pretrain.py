@@ -217,3 +217,23 @@ def test_global_masking_matches_the_model_and_ignores_world_size(tmp_path):
     for m in model.names:
         assert torch.equal(torch.cat([h.mask[m] for h in halves]), whole.mask[m])
         assert whole.count[m] == inp.token_valid[m][whole.mask[m]].sum() == halves[1].count[m]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_damaged_store_is_refused_and_leaves_no_run_directory(tmp_path, command):
+    """A deleted codes chunk: `pretrain` and `finetune` refuse the store with the chunk and its clips
+    named (exit code 2) before any training, and leave no run directory behind."""
+    from vqmae.store.integrity import chunk_file
+
+    store = make_store(tmp_path / "s.zarr", n_clips=12)
+    (store / chunk_file("audio", 0)).unlink()
+    run = tmp_path / "run"
+    args = [command, str(store), "--preset", "tiny", "--device", "cpu"]
+    args += ["--run-dir", str(run)] if command == "pretrain" else ["--run", str(run), "--set", "finetune.inits=scratch"]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "audio/codes chunk 0" in out and "c0" in out, out
+    assert not run.exists()

@@ -271,6 +271,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
     store = TokenStore.open(store_path)
     cfg = resolve_modalities(cfg, store.specs)  # the checkpoint records the concrete modalities
     data = WindowData(store, cfg, rank=info.rank, world_size=info.world_size)
+    unigram, unigram_doc = _unigram(store, data)  # reads every clip's codes: a damaged store stops here
     run.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
     dims = MAEDims.from_specs(store.specs, cfg.mae)
     parents = store_parents(store)
@@ -287,6 +288,7 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
             model.set_prior(m, position_counts(store, m, data.train_rows))
     if info.main:
         atomic_write_json(run / "config.json", cfg.to_dict())
+        atomic_write_json(run / "unigram.json", unigram_doc)
     net = model
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -296,7 +298,6 @@ def pretrain(store_path: str | Path, cfg: Config, run_dir: str | Path, *, device
         model.compile_blocks()
     masker = GlobalMasking(model, data, device)
     gather = partial(gather_rows, info=info)
-    unigram = _unigram(store, data, run, info)
     panel_tokenizers = {m: t.model for m, t in store_tokenizers(store, device=device, required=False).items()} \
         if info.main else {}
     stop = min(pcfg.steps, max_steps if max_steps is not None else pcfg.steps)
@@ -408,16 +409,13 @@ def _load_resume_state(path: Path, cfg: Config, store: TokenStore) -> dict[str, 
     return {k: ckpt[k] for k in ("step", "state_dict", "optimizer", "rng")}
 
 
-def _unigram(store: TokenStore, data: WindowData, run: Path, info: Dist) -> dict[str, float]:
-    """Masked-token accuracy of always predicting each position's most frequent training code."""
+def _unigram(store: TokenStore, data: WindowData) -> tuple[dict[str, float], dict]:
+    """Masked-token accuracy of always predicting each position's most frequent training code, and
+    the unigram.json document."""
     batches = (read_windows(data, rows, starts) for rows, starts in val_windows(data))
     base = unigram_baseline(store, data.train_rows, batches, list(data.specs))
     out = {f"unigram/{m}": b.accuracy for m, b in base.items() if b.accuracy is not None}
-    if info.main:
-        atomic_write_json(run / "unigram.json", {m: {"accuracy": b.accuracy,
-                                                      "train_accuracy": b.train_accuracy}
-                                                  for m, b in base.items()})
-    return out
+    return out, {m: {"accuracy": b.accuracy, "train_accuracy": b.train_accuracy} for m, b in base.items()}
 
 
 def _write_summary(run: Path, step: int, val: dict[str, float], unigram: dict[str, float],

@@ -7,14 +7,13 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from vqmae.store import TokenStore
+from vqmae.store.integrity import check_rows, raise_if_damaged, read_rows, recorded_crcs
 from vqmae.windows.geometry import WindowBatch
 
 # Frames of one modality gathered at once by `unigram_baseline` (bounds its memory).
@@ -59,12 +58,21 @@ def position_counts(store: TokenStore, m: str, rows: np.ndarray) -> np.ndarray:
     mask = _frame_mask(store, m, np.asarray(rows, np.int64))
     counts = np.zeros(k * c, np.int64)
     step = max(1, COUNT_BLOCK_ELEMENTS // k)
-    arr = store.codes(m) if store.is_loaded(m) else zarr.open_array(
-        str(Path(store.path) / m / "codes"), mode="r")
+    if store.is_loaded(m):
+        arr = store.codes(m)  # checked when it was loaded
+        read = lambda a, b: np.asarray(arr[a:b])  # noqa: E731
+    else:  # streamed in whole chunks, each checked (a missing chunk reads as ids outside the codebook)
+        chunk = store.chunk_rows(m)
+        step, crcs = max(chunk, step // chunk * chunk), recorded_crcs(store, m)
+
+        def read(a: int, b: int) -> np.ndarray:
+            block = np.asarray(read_rows(store, m, a, b))
+            raise_if_damaged(store, check_rows(store, m, block, a, crcs))
+            return block
     for a in range(0, len(mask), step):
         sel = mask[a:a + step]
         if sel.any():
-            block = np.asarray(arr[a:a + step])[sel]  # [F, K], one contiguous read per block
+            block = read(a, a + len(sel))[sel]  # [F, K], one contiguous read per block
             counts += np.bincount((np.arange(k) * c + block).ravel(), minlength=k * c)
     return counts.reshape(k, c)
 

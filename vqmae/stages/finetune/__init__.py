@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -59,7 +60,7 @@ from vqmae.stages.finetune.data import BASELINES, EVAL_MODES, LINEAR, ClipWindow
 from vqmae.stages.finetune.report import (paired_lines, paired_modalities, per_speaker_lines, report_sections,
                                           summarize, write_plots)
 from vqmae.stages.finetune.trainer import Trainer, Unit, UnitResult, jsonable
-from vqmae.store import TokenStore
+from vqmae.store import StoreError, TokenStore
 from vqmae.tasks import TASKS, Task, TaskError, build_task
 from vqmae.training import Dist, Reporter, init_distributed
 from vqmae.utils import atomic_write_bytes, atomic_write_json
@@ -82,11 +83,24 @@ def finetune(store_path: str | Path, cfg: Config, run_dir: str | Path, *, mae: s
 
     Test clips are also scored on noisy twins of the store: `noisy_stores` ({snr_db: path}), or,
     when not given, the ones `cfg.finetune.noise_snrs` asks for, built under `run_dir/noisy` (the
-    store's clips re-tokenized with seeded noise, `workers` decoding processes; cached)."""
+    store's clips re-tokenized with seeded noise, `workers` decoding processes; cached). A run that
+    this call started and a damaged store stopped (`StoreError`) leaves no directory behind."""
+    run, fresh = Path(run_dir), not Path(run_dir).exists()
+    try:
+        return _finetune(store_path, cfg, run, mae=mae, device=device, reporter=reporter,
+                         split_file=split_file, noisy_stores=noisy_stores, workers=workers)
+    except StoreError:
+        if fresh:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _finetune(store_path: str | Path, cfg: Config, run: Path, *, mae: str | Path | None,
+              device: str, reporter: Reporter, split_file: str | Path | None,
+              noisy_stores: Mapping[float, str | Path] | None, workers: int) -> FinetuneResult:
     info, device = init_distributed(device)
     fcfg = cfg.finetune
     _check_config(fcfg)
-    run = Path(run_dir)
     store = TokenStore.open(store_path)
     cfg = resolve_modalities(cfg, store.specs)  # from scratch: the store's modalities
     bb = load_backbone(store, cfg, mae)
