@@ -35,7 +35,7 @@ def build(tmp_path):
     with StoreWriter(store, specs, config={"tokenizers": toks}) as w:
         for i in range(6):
             tv = 12
-            w.add({"clip_id": f"c{i}", "index": i}, {"audio": rng.integers(0, 256, (2 * tv, 64)),
+            w.add({"clip_id": f"c{i}", "index": i}, {"audio": rng.integers(0, 256, (2 * tv, *specs["audio"].grid)),
                                                       "visual": rng.integers(0, 512, (tv, 576))})
     merge(store)
     pretrain(store, cfg, tmp_path / "run")
@@ -58,6 +58,15 @@ def test_visible_tokens_kept_masked_predicted_and_panels_written(tmp_path):
         keep = ~c["mask"]
         assert torch.equal(c["predicted"][keep], c["original"][keep])
         assert c["mask"].any() or m == "audio"
+    # the audio grid is 64 spectral codes + 4 prosody ids, each with its own ids: a prediction
+    # stays in its position's range (an untrained head's argmax over all 358 ids need not)
+    ranges = build_tokenizer("audio_vqvae", cfg).id_ranges()
+    assert ranges.shape == (68, 2) and ranges[:64].tolist() == [[0, 256]] * 64 and ranges[64:, 0].tolist() == [256, 294, 326, 342]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        c = predicted_codes(model, batch, gen, {"audio": ranges})["audio"]  # [B, T, 68] each
+        inside = (c["predicted"] >= ranges[:, 0]) & (c["predicted"] < ranges[:, 1])
+        assert c["mask"][..., 64:].any() and inside[c["mask"]].all()
     res = CliRunner().invoke(app, ["reconstruct", str(tmp_path / "run" / "mae.pt"), str(store),
                                    "--out", str(tmp_path / "png"), "--windows", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predicted_codes(model, batch: dict[str, torch.Tensor], generator: torch.Generator
-                    ) -> dict[str, dict[str, torch.Tensor]]:
+def predicted_codes(model, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                    ranges: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Per modality: original codes [B, T, *grid], the patch mask unpatchified to tokens
-    [B, T, *grid] (True = masked) and the codes with masked tokens replaced by the model's argmax."""
+    [B, T, *grid] (True = masked) and the codes with masked tokens replaced by the model's argmax,
+    taken within each grid position's ids where `ranges` gives them (a tokenizer's `id_ranges`:
+    a spectral position never gets a prosody id)."""
     was = model.training
     model.eval()
     out = model(batch, generator, return_logits=True)
@@ -38,6 +40,11 @@ def predicted_codes(model, batch: dict[str, torch.Tensor], generator: torch.Gene
     for m, logits in out.logits.items():
         lay = model.layouts[m]
         original = batch[m].reshape(batch[m].shape[0], lay.frames, *lay.grid)
+        if ranges is not None and m in ranges:  # [*grid, 2] → per patch slot [1, N, P, 1]
+            r = ranges[m].to(logits.device).expand(1, lay.frames, *lay.grid, 2)
+            lo, hi = (lay.patchify(r[..., i])[..., None] for i in (0, 1))
+            ids = torch.arange(logits.shape[-1], device=logits.device)
+            logits = logits.masked_fill((ids < lo) | (ids >= hi), float("-inf"))
         pred_ids = logits.argmax(-1)  # [B, N, P]
         masked = out.mask[m][..., None].expand_as(pred_ids)  # [B, N, P]
         mixed = torch.where(masked, pred_ids, lay.patchify(original))
@@ -72,9 +79,10 @@ def save_panels(codes: dict[str, dict[str, torch.Tensor]], tokenizers: dict[str,
         views = {k: _decode(tok, c[k][sample]).float().cpu() for k in ("original", "predicted")}
         mask = c["mask"][sample].cpu()  # [T, *grid] bool
         if m == "audio":
-            # a masked token covers 513 / 64 bins: grey those bins out in the "masked" view
-            n_bins = views["original"].shape[1]
-            bins = torch.arange(n_bins) * mask.shape[1] // n_bins  # token index of each bin
+            # a masked token covers 513 / 64 bins: grey those bins out in the "masked" view (the
+            # spectral tokens only: prosody ids after them cover no bins)
+            n_bins, n_spectral = views["original"].shape[1], getattr(tok, "n_learned", mask.shape[1])
+            bins = torch.arange(n_bins) * n_spectral // n_bins  # token index of each bin
             hidden = mask[:, bins]  # [T, F]
             floor = float(views["original"].min())
             masked = torch.where(hidden, torch.full_like(views["original"], floor), views["original"])

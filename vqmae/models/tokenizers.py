@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmae.config import AudioVQConfig, Config, VisualVQConfig
-from vqmae.models.prosody_ids import N_IDS as PROSODY_IDS, VOCAB as PROSODY_VOCAB, ProsodyIds
+from vqmae.models.prosody_ids import N_IDS as PROSODY_IDS, SIZES as PROSODY_SIZES, VOCAB as PROSODY_VOCAB, ProsodyIds
 from vqmae.models.quantize import QuantizedResult, VectorQuantizer
 from vqmae.utils import autocast_context
 
@@ -74,6 +74,10 @@ class _VQVAE(nn.Module):
     @property
     def code_dim(self) -> int:
         return self.quantizer.code_dim
+
+    def id_ranges(self) -> torch.Tensor:
+        """The ids each grid position can hold, `[*grid, 2]` int64 (low, high): the codebook."""
+        return torch.tensor([0, self.codebook_size]).expand(*self.grid, 2)
 
     @property
     def frame_rate(self) -> float:
@@ -181,6 +185,14 @@ class AudioVQVAE(_VQVAE):
     def codebook_size(self) -> int:
         """The vocabulary of the codes: the spectral codebook, then the prosody ids' ranges."""
         return self.quantizer.codebook_size + (PROSODY_VOCAB if self.prosody is not None else 0)
+
+    def id_ranges(self) -> torch.Tensor:
+        """`[n_tokens, 2]`: the spectral codebook, then each prosody id's own range."""
+        k = self.quantizer.codebook_size
+        ranges = [(0, k)] * self.n_learned
+        if self.prosody is not None:
+            ranges += [(k + o, k + o + s) for o, s in zip(self.prosody.offsets.tolist(), PROSODY_SIZES)]
+        return torch.tensor(ranges)
 
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.n_bins:

@@ -366,7 +366,8 @@ def _panels(model: MAEModel, data: WindowData, tokenizers: dict, run: Path, step
         return
     rows, starts = windows[0]
     batch = batch_dict(read_windows(data, rows[:1], starts[:1]), device)
-    codes = predicted_codes(model, batch, mask_generator(cfg.seed + 2, 0, device))
+    codes = predicted_codes(model, batch, mask_generator(cfg.seed + 2, 0, device),
+                            {m: t.id_ranges() for m, t in tokenizers.items()})
     for p in save_panels(codes, tokenizers, run / "recon", f"step{step:07d}"):
         log.info("reconstruction panel: %s", p)
 

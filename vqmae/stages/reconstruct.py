@@ -36,7 +36,7 @@ def reconstruct(mae_path: str | Path, store_path: str | Path, out_dir: str | Pat
         rows, starts = data.plan.batch(0, n_windows)
     batch = batch_dict(data.windows(rows[:n_windows], starts[:n_windows]), device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    codes = predicted_codes(model, batch, gen)
+    codes = predicted_codes(model, batch, gen, {m: t.id_ranges() for m, t in tokenizers.items()})
     paths = []
     for i in range(min(n_windows, len(batch[next(iter(codes))]))):
         paths += save_panels(codes, tokenizers, out_dir, f"step{ckpt['step']}_window{i}", sample=i,
