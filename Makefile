@@ -132,7 +132,7 @@ bench-ingest:
 	$(BIN)/python benchmarks/ingest.py --data $(DATA)
 
 bench-tokenize:
-	$(BIN)/python benchmarks/tokenize.py --data $(DATA) --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+	$(BIN)/python benchmarks/tokenize_stages.py --data $(DATA) --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

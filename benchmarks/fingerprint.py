@@ -18,9 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-# this folder holds tokenize.py, which would shadow the standard library's module of that name
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 
 def vqmae(*args: str) -> None:
     cmd = [sys.executable, "-c", "from vqmae_cli.main import app; app()", *args]

@@ -10,19 +10,13 @@ temporary TORCH_HOME, which costs the same compute: say so when quoting it.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this folder comes first on sys.path, and benchmarks/tokenize.py would shadow the
-# standard library's `tokenize` (imported by `inspect`, hence by numpy and torch).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

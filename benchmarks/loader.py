@@ -12,31 +12,25 @@ Methods, each run in a fresh subprocess so its peak RSS is its own:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's (numpy imports it): drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from vqmae.config import StoreConfig, load_config  # noqa: E402
-from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge  # noqa: E402
-from vqmae.windows import WindowData, make_batch  # noqa: E402
+from vqmae.config import StoreConfig, load_config
+from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
+from vqmae.windows import WindowData, make_batch
 
 METHODS = ("ram", "stream-w0", "stream-w2", "naive")
 

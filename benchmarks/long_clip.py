@@ -11,21 +11,15 @@ their sum. Face detection is left out (`--face none`): it costs time, not memory
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's (numpy imports it): drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SIZE, FPS, RATE = 224, 25, 48000  # audio: 48 kHz stereo AAC, as cameras record
 

@@ -19,22 +19,16 @@ as a real mp4 (H.264 + AAC) with `vqmae.media.mp4_bytes`.
 
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's (numpy imports it): drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def make_clip(corpus: Path, out: Path, seconds: float = 3.0) -> Path:

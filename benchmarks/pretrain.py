@@ -25,41 +25,35 @@ Every loader method and training variant runs in a fresh subprocess, so its peak
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's (numpy imports it): drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import numpy as np
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich import box  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from vqmae.config import Config, StoreConfig, load_config, mae_modalities  # noqa: E402
-from vqmae.models.layout import MAEDims, flops_per_window, patch_layout  # noqa: E402
-from vqmae.models.mae import MAEModel  # noqa: E402
-from vqmae.models.masking import sample_masking  # noqa: E402
-from vqmae.stages.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups  # noqa: E402
-from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge  # noqa: E402
-from vqmae.training import adamw, autocast_context  # noqa: E402
-from vqmae.windows import WindowData  # noqa: E402
+from vqmae.config import Config, StoreConfig, load_config, mae_modalities
+from vqmae.models.layout import MAEDims, flops_per_window, patch_layout
+from vqmae.models.mae import MAEModel
+from vqmae.models.masking import sample_masking
+from vqmae.stages.pretrain import GlobalMasking, batch_dict, mask_generator, param_groups
+from vqmae.store import ModalitySpec, StoreWriter, TokenStore, merge
+from vqmae.training import adamw, autocast_context
+from vqmae.windows import WindowData
 
 LOADERS = ("ram", "stream-w0", "stream-w2")
 STREAM_WORKERS = {"stream-w0": 0, "stream-w2": 2}
@@ -266,7 +260,7 @@ PAPER_SPECS = {"audio": {"codebook_size": 256, "grid": [64], "frame_rate": 50.0}
 
 
 def reference_module():
-    """benchmarks/reference_mae.py, loaded by path (this folder is not on sys.path: see the top)."""
+    """benchmarks/reference_mae.py, loaded by path (whatever the importer's sys.path)."""
     spec = importlib.util.spec_from_file_location("reference_mae", Path(__file__).with_name("reference_mae.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -24,20 +24,12 @@ Its parameter count equals vqmae's paper preset within 0.1 % (`benchmarks/pretra
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import math
 
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's: drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 WIDTH, HEADS, MLP, ENC, DEC = 320, 4, 2.0, 6, 3
 VISUAL = {"codebook": 512, "emb": 4, "ids": 80, "tubes": 360}

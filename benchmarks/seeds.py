@@ -21,18 +21,12 @@ It prints, and writes to RUN/seeds.md and RUN/seeds.json:
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import subprocess
 import sys
 from pathlib import Path
-
-# Run as a script, this folder leads sys.path and its tokenize.py would shadow the standard
-# library's (numpy imports it): drop it before importing anything else.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 
 
 def run_seed(args: argparse.Namespace, seed: int, sets: list[str]) -> dict:

@@ -10,14 +10,6 @@ Three ways to gather a batch of B windows of L audio frames (64 tokens each):
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this folder comes first on sys.path, and benchmarks/tokenize.py would shadow the
-# standard library's `tokenize` (imported by `inspect`, hence by numpy and torch).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import tempfile
 import time

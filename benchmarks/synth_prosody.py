@@ -17,22 +17,14 @@ are, which is what limits any speaker-independent model of the corpus (docs/mode
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
 
-# Run as a script, this folder comes first on sys.path, and benchmarks/tokenize.py would shadow the
-# standard library's `tokenize` (imported by `inspect`, hence by numpy and torch).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from vqmae import demo as synth  # noqa: E402
-from vqmae.config import load_config  # noqa: E402
+from vqmae import demo as synth
+from vqmae.config import load_config
 
 FEATURES = ("log_f0_mean", "log_f0_std", "voiced", "energy_std", "tilt", "peaks_per_s", "active")
 

@@ -1,6 +1,6 @@
 """Stage-1 throughput: VQ-VAE encoding alone vs the whole tokenize path, in one run.
 
-    python benchmarks/tokenize.py --data runs/demo/data/corpus [--clips 32] [--device cpu|cuda]
+    python benchmarks/tokenize_stages.py --data runs/demo/data/corpus [--clips 32] [--device cpu|cuda]
                                   [--preset paper] [--face haar]
 
 Rows (video frames/s; audio frames are 2 per video frame):
@@ -15,15 +15,8 @@ multiply by decoding workers for a machine estimate until the encoder is the bot
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# standard library's `tokenize` (imported by `inspect`, hence by numpy and torch).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import os
 import platform
 import resource
 import time
