@@ -97,8 +97,10 @@ def _print(result: PredictResult, predictor: Predictor, timeline: bool) -> None:
             console.print(f"[yellow]warning:[/yellow] {p.path}: {w}")
         if timeline:
             _print_timeline(p)
-    skipped = [f for f in result.failures if f.stage == "scan"]
-    failed = [f for f in result.failures if f.stage != "scan"]
+    from vqmae.stages.predict import failure_status
+
+    failed = [f for f in result.failures if failure_status(f) == "failed"]
+    skipped = [f for f in result.failures if failure_status(f) == "skipped"]
     if failed:
         console.print(f"[red]{len(failed)} failed:[/red]")
         for f in failed:

@@ -239,7 +239,10 @@ def _load_faces(path: str, cfg: Config) -> tuple[np.ndarray | FrameSpill, float]
         for chunk in frames():  # pass 1: detection, keeping the frames when the whole video fits the buffer
             boxes.append(cropper.detect(chunk))
             if kept is not None:  # a longer video is never buffered (not even its start): decoded twice
-                kept = kept + [chunk] if info["frames"] * chunk[0].nbytes <= FRAME_BUFFER_BYTES else None
+                if info["frames"] * chunk[0].nbytes <= FRAME_BUFFER_BYTES:
+                    kept.append(chunk)
+                else:
+                    kept = None
             done += len(chunk)  # progress in frames: detection, then cropping (decoded again or not)
             progress(done, 2 * info["frames"])
         track, detected = cropper.track(np.concatenate(boxes))

@@ -53,11 +53,11 @@ from vqmae.tasks import Task
 from vqmae.training import Reporter
 from vqmae.utils import autocast_context
 from vqmae.stages.predict.results import (ARRAYS, InputError, Prediction, PredictError, PredictResult, _clip_info,
-                                          _failure, expand_paths, to_csv, to_json)
+                                          _failure, expand_paths, failure_status, to_csv, to_json)
 from vqmae.windows import batch_dict, gather, make_batch, tile_windows, window_geometry
 
-__all__ = ["MODES", "InputError", "Prediction", "PredictError", "PredictResult", "Predictor", "to_csv",
-           "to_json"]
+__all__ = ["MODES", "InputError", "Prediction", "PredictError", "PredictResult", "Predictor", "failure_status",
+           "to_csv", "to_json"]
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def _failure(path: str, e: Exception) -> Failure:
 
 
 
-def _status(f: Failure) -> str:
+def failure_status(f: Failure) -> str:
     """"skipped" for an input the scan passed over (not media, missing, a link loop), else "failed"."""
     return "skipped" if f.stage == "scan" else "failed"
 
@@ -134,7 +134,7 @@ def to_json(result: PredictResult, *, model: str, task: str, names: Sequence[str
     return {"model": model, "task": task, "names": list(names), "modality": modality,
             "speaker_norm": speaker_norm,
             "predictions": [p.to_dict(timeline=timeline) for p in result.predictions],
-            "failures": [{"path": f.path, "status": _status(f), "stage": f.stage, "reason": f.reason}
+            "failures": [{"path": f.path, "status": failure_status(f), "stage": f.stage, "reason": f.reason}
                          for f in result.failures]}
 
 
@@ -152,5 +152,5 @@ def to_csv(result: PredictResult, names: tuple[str, ...], timeline: bool) -> str
                 top = "" if p.top is None else names[int(scores.argmax())]
                 w.writerow([p.path, "ok", f"{start:.4f}", p.modality, top, *[f"{v:.6g}" for v in scores], ""])
     for f in result.failures:
-        w.writerow([f.path, _status(f), "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
+        w.writerow([f.path, failure_status(f), "", "", "", *[""] * len(names), f"{f.stage}: {f.reason}"])
     return buf.getvalue()
