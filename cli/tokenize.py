@@ -81,6 +81,10 @@ def _print_eval(evaluation: dict, directory: Path) -> None:
         table.add_row(m, str(e["frames"]), f"{e['usage']:.1%}", f"{e['perplexity']:.1f}", f"{e['ratio']:.3f}",
                       *kept)
     console.print(table)
+    for m, e in evaluation.items():
+        if e.get("ids_f0_corr") is not None:
+            console.print(f"{m} prosody ids, the pitch and energy of their bins: F0 corr {e['ids_f0_corr']:.3f}, "
+                          f"F0 ±5% {e['ids_f0_within_5pct']:.3f}, energy corr {e['ids_energy_corr']:.3f}")
 
 
 def _print_summary(result: TokenizeResult) -> None:

@@ -95,3 +95,23 @@ def test_prosody_ids_agree_with_the_numpy_pitch_estimator():
     assert v.mean() > 0.8
     expected = np.clip(np.round(12 * np.log2(f0[v] / 60.0)), 0, 36) + 1
     assert np.mean(got[v] == expected) > 0.95
+
+
+def test_pitch_and_energy_read_back_from_the_ids_agree_with_the_frames():
+    """The tokenizer evaluation's second line: the pitch and energy the prosody ids carry (their bins'
+    centres) follow the original contours; ids with the pitch column zeroed (unvoiced) miss it all."""
+    from vqmae.models.prosody_ids import ProsodyIds, pitch_and_energy
+    from vqmae.prosody import contour_agreement
+    x = np.concatenate([voice(f0, 0.5, seed=i)[0] * a for i, (f0, a) in
+                        enumerate(((110.0, 1.0), (160.0, 0.3), (230.0, 2.0), (300.0, 0.7)))])
+    p = power(x)
+    ids = ProsodyIds(CFG.n_bins, SR)(torch.tensor(p)).numpy()
+    f0, energy = pitch_and_energy(ids)
+    agree = contour_agreement(p, f0, energy, CFG)
+    # semitone bins: within ±3% of the estimate; 2.5 dB energy bins
+    assert agree["f0_corr"] > 0.99 and agree["f0_within_5pct"] > 0.95 and agree["energy_corr"] > 0.99
+    assert agree["voiced_frames"] == prosody_agreement(p, p, CFG)["voiced_frames"] > 0.8 * len(p)
+    unvoiced = ids.copy()
+    unvoiced[:, 0] = 0
+    none = contour_agreement(p, *pitch_and_energy(unvoiced), CFG)
+    assert none["f0_within_5pct"] == 0.0 and np.isnan(none["f0_corr"])

@@ -86,13 +86,21 @@ def prosody_agreement(original: np.ndarray, decoded: np.ndarray, cfg: AudioConfi
     energy_corr: Pearson correlation of frame energy in dB over the frames that are not silence in
     the original; f0_within_5pct: share of those voiced frames whose decoded F0 is within 5 % (an
     octave error counts as a miss); voiced_frames: how many frames the F0 figures rest on."""
+    return contour_agreement(original, estimate_f0(decoded, cfg)[0], frame_energy_db(decoded), cfg)
+
+
+def contour_agreement(original: np.ndarray, f0: np.ndarray, energy_db: np.ndarray, cfg: AudioConfig
+                      ) -> dict[str, float]:
+    """`prosody_agreement` of a pitch contour `f0` [N] in Hz (0 = unvoiced: a miss where the
+    original is voiced, left out of the correlation) and an energy contour `energy_db` [N], however
+    they were obtained (from decoded frames, or read from the prosody ids)."""
     f0_o, s_o = estimate_f0(original, cfg)
-    f0_d, _ = estimate_f0(decoded, cfg)
     v = voiced(original, s_o)
-    e_o, e_d = frame_energy_db(original), frame_energy_db(decoded)
+    e_o = frame_energy_db(original)
     sound = e_o >= (np.percentile(e_o, 99) if len(e_o) else 0.0) - ENERGY_RANGE_DB
-    ratio = f0_d[v] / f0_o[v]
-    return {"f0_corr": _pearson(np.log(f0_o[v]), np.log(f0_d[v])),
+    both = v & (f0 > 0)
+    ratio = f0[v] / f0_o[v]
+    return {"f0_corr": _pearson(np.log(f0_o[both]), np.log(f0[both])),
             "f0_within_5pct": float(np.mean(np.abs(ratio - 1) <= 0.05)) if v.any() else math.nan,
-            "energy_corr": _pearson(e_o[sound], e_d[sound]),
+            "energy_corr": _pearson(e_o[sound], energy_db[sound]),
             "voiced_frames": int(v.sum())}

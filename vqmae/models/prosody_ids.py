@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,15 @@ VOICED_MIN_DB = 0.0  # quieter frames are unvoiced whatever their pitch score
 HARM_STEP = 0.1  # log(best / median) per harmonicity bin
 TILT_LOW_DB, TILT_STEP_DB = -50.0, 4.0
 TILT_SPLIT_HZ, TILT_TOP_HZ = 1000.0, 5000.0
+
+
+def pitch_and_energy(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prosody ids `[N, 4]` as `ProsodyIds` gives them (before a tokenizer adds its codebook size)
+    → the F0 in Hz (0 where unvoiced) and the frame energy in dB at the centres of their bins."""
+    ids = np.asarray(ids, np.int64)
+    f0_bin, e_bin = ids[:, 0], ids[:, 1] - SIZES[0]
+    f0 = np.where(f0_bin > 0, F0_MIN * 2.0 ** ((f0_bin - 1) / 12.0), 0.0)
+    return f0, ENERGY_LOW_DB + ENERGY_STEP_DB * e_bin
 
 
 class ProsodyIds(nn.Module):

@@ -33,9 +33,10 @@ from vqmae.datasets import ClipInfo, scan
 from vqmae.encoding import TokenizeError, encode_corpus, store_failures
 from vqmae.framepool import FramePool
 from vqmae.ingest import ClipData, Failure, clip_progress, ingest
+from vqmae.models.prosody_ids import pitch_and_energy
 from vqmae.models.tokenizers import build_tokenizer, decode_codes, encode_frames, faces_to_tensor
 from vqmae.expression import expression_agreement
-from vqmae.prosody import prosody_agreement
+from vqmae.prosody import contour_agreement, prosody_agreement
 from vqmae.training import Fit, MetricsLog, Reporter, StepOut, base_lrs
 from vqmae.utils import atomic_write_bytes, atomic_write_json
 
@@ -190,7 +191,8 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
     Audio error is the Itakura-Saito divergence (the training loss); visual error is pixel MSE in
     [-0.5, 0.5] units. `ratio` = model error / mean-frame error (lower is better, < 0.5 required).
     Given the features' `audio_cfg`, audio also reports how well the decoded frames keep pitch and
-    energy (`vqmae.prosody.prosody_agreement`: f0_corr, f0_within_5pct, energy_corr); visual, how
+    energy (`vqmae.prosody.prosody_agreement`: f0_corr, f0_within_5pct, energy_corr), and with
+    prosody ids the same for the pitch and energy the ids carry (ids_f0_corr, …); visual, how
     much of the mouth's and eyes' expression detail and of the face colour the decoded crops keep
     (`vqmae.expression.expression_agreement`: mouth_kept, eyes_kept, colour_corr).
     """
@@ -204,6 +206,10 @@ def evaluate_tokenizer(model, modality: str, frames: np.ndarray, train_mean: np.
         base = _is_div(frames, np.broadcast_to(train_mean, frames.shape))
         if audio_cfg is not None:
             extra = prosody_agreement(frames, recon, audio_cfg)
+            if codes.shape[1] > model.n_learned:  # what the prosody ids carry: their bins' pitch and energy
+                ids = codes[:, model.n_learned:].astype(np.int64) - model.quantizer.codebook_size
+                agree = contour_agreement(frames, *pitch_and_energy(ids), audio_cfg)
+                extra |= {f"ids_{k}": agree[k] for k in ("f0_corr", "f0_within_5pct", "energy_corr")}
     else:
         f = frames.astype(np.float32) / 255
         err = float(np.mean((f - recon.astype(np.float32) / 255) ** 2))
