@@ -3,11 +3,11 @@
 limit, 40 minutes, leaves room for a loaded machine).
 
 synth → tokenize → pretrain → finetune with a quarter of the labels, 4 speaker folds: the
-pretraining must learn more than each grid cell's most frequent face code (measured margin +0.10 to
-+0.11 over three seeds; +0.02 is asserted). On the voice this corpus's margin is within ±0.01 of
-zero (+0.004, +0.003 and +0.012 for seeds 0, 1 and 2 with two threads, below zero with the one
-thread the test suite uses), so only "not below the unigram by more than 0.01" is asserted there,
-the robust part; the model fine-tuned from it must beat the same
+pretraining must learn more than each grid cell's most frequent face code (measured margin +0.11 to
++0.14 over three seeds; +0.02 is asserted). On the voice this corpus's margin is within ±0.01 of
+zero (−0.000, +0.002 and −0.002 for seeds 0, 1 and 2 with two threads; a masked audio code is
+barely predictable from its context, docs/model-quality.md), so only "not below the unigram by
+more than 0.01" is asserted there, the robust part; the model fine-tuned from it must beat the same
 backbone trained from scratch on mean AV UAR, both far above chance, with the linear probe and both
 baselines in the same report.
 """

@@ -64,7 +64,7 @@ def test_roundtrip_loads_weights_only_with_every_field(saved, audio, cfg):
 
 def test_load_tokenizer_rebuilds_from_stored_config_with_identical_outputs(saved, audio):
     model, ckpt = load_tokenizer(saved, "cpu", kind="audio_vqvae")
-    assert not model.training and model.codebook_size == 64
+    assert not model.training and model.codebook_size == 64 + 102  # 64 codes, then the prosody ids
     assert model.encoder[0].out_channels == 16  # from the file, not from the paper/tiny defaults
     x = torch.rand(5, 513)
     with torch.no_grad():

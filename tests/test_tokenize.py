@@ -1,6 +1,7 @@
 """Stage 1 end to end on a small corpus of real files: train, evaluate, encode, resume, refuse."""
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_train_and_encode(trained):
         assert s.specs[m].tokenizer_sha256 == checkpoint_sha256(run / "tokenizers" / f"{kind}.pt")
         codes = s.codes(m)
         assert codes.dtype == np.uint16 and codes.max() < s.specs[m].codebook_size
-    assert s.specs["visual"].grid == (24, 24) and s.specs["audio"].grid == (64,)
+    assert s.specs["visual"].grid == (24, 24) and s.specs["audio"].grid == (64 + 4,)  # + prosody ids
     for name in ("audio_recon.png", "visual_recon.png", "audio_codebook.png", "eval.json"):
         assert (run / "tokenizers" / name).exists()
     assert (run / "metrics.jsonl").read_text().count("\n") >= 4
@@ -96,6 +97,10 @@ def test_train_and_encode(trained):
     # every input accounted for: the listed file that does not exist is in the list too
     assert [r[1] for r in failures[1:] if "gone.mp4" in r[0]] == ["scan"]  # once, though in the store too
     assert "tokenize summary" in res.output and "inputs skipped at scan" in res.output
+    # the held-out evaluation also reads the pitch and energy back from the prosody ids
+    ev = json.loads((run / "tokenizers" / "eval.json").read_text())["audio"]
+    assert {"ids_f0_corr", "ids_f0_within_5pct", "ids_energy_corr"} <= set(ev) and ev["ids_energy_corr"] > 0.9
+    assert "audio prosody ids, the pitch and energy of their bins" in " ".join(res.output.split())
 
 
 def test_second_corpus_with_same_tokenizers(trained, tmp_path):

@@ -257,7 +257,7 @@ def test_audio_shapes_contract_and_positive_power(cfg, n_bins):
     assert codes.shape == (3, 68) and (codes[:, :64] < 256).all()
     assert (codes[:, 64:] >= 256).all() and (codes[:, 64:] < 358).all()
     assert model.decode(codes).shape == (3, n_bins)
-    plain = AudioVQVAE(cfg.audio_vq, n_bins=n_bins)
+    plain = AudioVQVAE(dataclasses.replace(cfg.audio_vq, prosody_ids=False), n_bins=n_bins)
     assert plain.codebook_size == 256 and plain.grid == (64,) and plain.encode(x).shape == (3, 64)
 
 
@@ -278,7 +278,7 @@ def test_visual_shapes_and_contract(cfg):
 
 def test_build_tokenizer_uses_config_sizes(cfg):
     audio = build_tokenizer("audio_vqvae", load_config("tiny", ["audio.n_fft=512"]))
-    assert audio.n_bins == 257 and audio.grid == (64,)
+    assert audio.n_bins == 257 and audio.grid == (64 + 4,)  # the tiny preset appends prosody ids
     assert build_tokenizer("audio_vqvae", cfg).frame_rate == cfg.audio.frame_rate
     vis = build_tokenizer("visual_vqvae", load_config("tiny", ["face.size=64", "video.fps=30"]))
     assert vis.grid == (16, 16) and vis.frame_rate == 30.0
@@ -315,7 +315,7 @@ def test_bad_shapes_name_the_expectation(cfg):
     audio = build_tokenizer("audio_vqvae", cfg)
     with pytest.raises(ValueError, match=r"power frames \[B, 513\], got \(2, 512\)"):
         audio.encode(torch.rand(2, 512))
-    with pytest.raises(ValueError, match=r"codes \[B, 64\], got \(2, 63\)"):
+    with pytest.raises(ValueError, match=r"codes \[B, 68\], got \(2, 63\)"):
         audio.decode(torch.zeros(2, 63, dtype=torch.long))
     visual = build_tokenizer("visual_vqvae", cfg)
     with pytest.raises(ValueError, match=r"face crops \[B, 3, 96, 96\], got \(1, 96, 96, 3\)"):

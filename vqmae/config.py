@@ -87,7 +87,7 @@ class AudioVQConfig:
     # Training frames kept in RAM: a uniform sample of every frame decoded (200k ≈ 67 min, 410 MB).
     pool_frames: int = 200_000
     # Append 4 prosody ids per frame (F0, energy, harmonicity, tilt: vqmae/models/prosody_ids.py).
-    prosody_ids: bool = False  # for voice-only corpora, with audio.peak_normalize=false (docs/model-quality.md)
+    prosody_ids: bool = False  # on in the tiny preset, with audio.peak_normalize=false (docs/model-quality.md)
 
 
 @dataclass(frozen=True)
@@ -345,9 +345,10 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         video=VideoConfig(chunk_frames=64),
-        # the measurements behind these settings: docs/results.md, "What the audio codes keep of the prosody"
+        # loudness kept, prosody ids (docs/model-quality.md); docs/results.md, "What the audio codes keep"
+        audio=AudioConfig(peak_normalize=False),
         audio_vq=AudioVQConfig(channels=32, n_res_blocks=1, steps=1500, batch_frames=128, lr=2e-3,
-                               dead_threshold=2.0, warmup_steps=30),
+                               dead_threshold=2.0, warmup_steps=30, prosody_ids=True),
         visual_vq=VisualVQConfig(channels=32, n_res_blocks=1, steps=300, batch_frames=32,
                                  warmup_steps=30),
         # fixed 50% masking, sin-cos positions (docs/commands.md, pretrain); the paper's 2 s windows; a 150-step
