@@ -41,10 +41,11 @@ def pretrain(
 
 def _print(result) -> None:
     table = Table(title=f"pretraining at step {result.step} (validation clips)")
-    for col in ("modality", "masked-token accuracy", "unigram baseline"):
+    for col in ("modality", "masked-token accuracy", "unigram baseline", "cross-entropy", "unigram's"):
         table.add_column(col, justify="right")
     for m, (acc, base) in result.accuracy.items():
-        table.add_row(m, f"{acc:.3f}", f"{base:.3f}")
+        ce, ce_base = result.cross_entropy[m]
+        table.add_row(m, f"{acc:.3f}", f"{base:.3f}", f"{ce:.3f}", f"{ce_base:.3f}")
     console.print(table)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")

@@ -4,10 +4,11 @@ limit, 40 minutes, leaves room for a loaded machine).
 
 synth → tokenize → pretrain → finetune with a quarter of the labels, 4 speaker folds: the
 pretraining must learn more than each grid cell's most frequent face code (measured margin +0.11 to
-+0.14 over three seeds; +0.02 is asserted). On the voice this corpus's margin is within ±0.01 of
-zero (−0.000, +0.002 and −0.002 for seeds 0, 1 and 2 with two threads; a masked audio code is
-barely predictable from its context, docs/model-quality.md), so only "not below the unigram by
-more than 0.01" is asserted there, the robust part; the model fine-tuned from it must beat the same
++0.14 over three seeds; +0.02 is asserted). On the voice this corpus's accuracy margin is noise
+around zero (−0.002 to +0.002 over three seeds with two threads, −0.016 with the one thread of a
+CI run; a masked audio code is barely predictable from its context, docs/model-quality.md), so
+what is asserted for both modalities is the held-out cross-entropy: below the per-position
+unigram's by 0.1 nats per token (measured: audio 0.49, visual 0.82); the model fine-tuned from it must beat the same
 backbone trained from scratch on mean AV UAR, both far above chance, with the linear probe and both
 baselines in the same report.
 """
@@ -43,7 +44,9 @@ def test_tiny_demo_pretraining_beats_unigram_and_scratch(tmp_path):
     summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
     print("pretraining:", summary["modalities"])
     margins = {m: s["masked_token_accuracy"] - s["unigram_accuracy"] for m, s in summary["modalities"].items()}
-    assert margins["visual"] > 0.02 and margins["audio"] > -0.01, margins
+    assert margins["visual"] > 0.02, margins
+    gains = {m: s["unigram_cross_entropy"] - s["cross_entropy"] for m, s in summary["modalities"].items()}
+    assert gains["audio"] > 0.1 and gains["visual"] > 0.1, gains
 
     _run("finetune", str(store), "--mae", str(tmp_path / "pretrain" / "mae.pt"), "--preset", "tiny",
          "--label-fraction", "0.25", "--run", str(tmp_path / "finetune"))

@@ -118,6 +118,10 @@ def test_cli_pretrain(tmp_path):
     for m, s in summary.items():
         assert s["masked_token_accuracy"] <= s["unigram_accuracy"]
         assert f"{m} {s['masked_token_accuracy']:.3f} ≤ {s['unigram_accuracy']:.3f}" in out
+        # and its cross-entropy beside the unigram's, both printed
+        assert s["cross_entropy"] > s["unigram_cross_entropy"] > 0
+        (row,) = [r for r in res.output.splitlines() if r.startswith(f"│ {m:>8} │")]
+        assert row.split("│")[4:6] == [f" {s['cross_entropy']:>13.3f} ", f" {s['unigram_cross_entropy']:>9.3f} "]
 
 
 def _ddp_worker(rank, world, store, run, port, overrides):
@@ -237,3 +241,18 @@ def test_damaged_store_is_refused_and_leaves_no_run_directory(tmp_path, command)
     assert res.exit_code == 2, res.output
     assert "audio/codes chunk 0" in out and "c0" in out, out
     assert not run.exists()
+
+
+def test_context_warning_needs_both_accuracy_and_cross_entropy_at_the_unigram():
+    """Audio codes can keep the top-1 accuracy at the unigram's while the cross-entropy shows the
+    context used: no warning then; a model behind on both is warned about."""
+    from types import SimpleNamespace
+
+    from vqmae.stages.pretrain import context_warnings
+    used = SimpleNamespace(accuracy={"audio": (0.248, 0.249)}, cross_entropy={"audio": (3.86, 4.35)})
+    assert context_warnings(used) == []
+    ignored = SimpleNamespace(accuracy={"audio": (0.248, 0.249)}, cross_entropy={"audio": (4.40, 4.35)})
+    (w,) = context_warnings(ignored)
+    assert "audio 0.248 ≤ 0.249" in w
+    ahead = SimpleNamespace(accuracy={"visual": (0.29, 0.15)}, cross_entropy={"visual": (3.0, 2.9)})
+    assert context_warnings(ahead) == []

@@ -381,6 +381,15 @@ def test_unigram_baseline_matches_brute_force(data):
         hits = [(getattr(b, m).reshape(len(b), getattr(b, m).shape[1], -1).numpy() == modes)
                 [getattr(b, f"{m}_valid").numpy()] for b in val]
         assert got[m].accuracy == pytest.approx(np.concatenate(hits).mean())
+        # cross-entropy of the add-one smoothed per-position frequencies on the valid val tokens
+        v = store.specs[m].codebook_size
+        counts = np.stack([np.bincount(col, minlength=v) for col in frames.T])  # [K, V]
+        log_p = np.log((counts + 1) / (counts.sum(1, keepdims=True) + v))
+        codes = np.concatenate([getattr(b, m).reshape(len(b), getattr(b, m).shape[1], -1).numpy()
+                                [getattr(b, f"{m}_valid").numpy()] for b in val])  # [N, K]
+        assert got[m].cross_entropy == pytest.approx(-log_p[np.arange(codes.shape[1]), codes].mean())
+        if m == "visual":  # the skew built into its codes: frequencies alone predict them
+            assert got[m].cross_entropy < np.log(v)
     assert got["visual"].mode.tolist() == [0, 1, 2, 3, 4, 5]  # the skew built into the codes
     streamed = unigram_baseline(TokenStore.open(data.store.path), data.train_rows, val)
     assert streamed["visual"].to_dict() == got["visual"].to_dict()

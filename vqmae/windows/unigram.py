@@ -29,17 +29,21 @@ class UnigramBaseline:
 
     mode int64 [n_tokens] (grid flattened: audio frequency index, visual cell row-major);
     train_accuracy over every frame of the training clips; accuracy over the valid frames of the
-    windows given to `unigram_baseline` (None when none were given).
+    windows given to `unigram_baseline` (None when none were given), and cross_entropy there (nats
+    per token) of each position's code frequencies, add-one smoothed: the loss a model that ignores
+    the context would reach, beside which the masked-token cross-entropy shows what the context adds
+    even where the most likely code does not change.
     """
 
     modality: str
     mode: np.ndarray
     train_accuracy: float
     accuracy: float | None
+    cross_entropy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"modality": self.modality, "mode": self.mode.tolist(),
-                "train_accuracy": self.train_accuracy, "accuracy": self.accuracy}
+        return {"modality": self.modality, "mode": self.mode.tolist(), "train_accuracy": self.train_accuracy,
+                "accuracy": self.accuracy, "cross_entropy": self.cross_entropy}
 
 
 def _frame_mask(store: TokenStore, m: str, rows: np.ndarray) -> np.ndarray:
@@ -85,8 +89,11 @@ def unigram_baseline(store: TokenStore, rows: np.ndarray,
     names = list(modalities or store.specs)
     counts = {m: position_counts(store, m, rows) for m in names}
     modes = {m: counts[m].argmax(axis=1) for m in names}  # [K]
+    log_p = {m: torch.from_numpy(np.log((counts[m] + 1.0) / (counts[m].sum(1, keepdims=True) + counts[m].shape[1])))
+             for m in names}  # [K, V], add-one smoothed
     hit = dict.fromkeys(names, 0)
     seen = dict.fromkeys(names, 0)
+    nll = dict.fromkeys(names, 0.0)
     for batch in batches:
         for m in names:
             codes, valid = getattr(batch, m), getattr(batch, f"{m}_valid")
@@ -95,11 +102,12 @@ def unigram_baseline(store: TokenStore, rows: np.ndarray,
             flat = codes.reshape(*codes.shape[:2], -1)  # [B, L, K]
             hits = (flat == torch.from_numpy(modes[m])).sum(-1)  # [B, L]
             hit[m] += int(hits[valid].sum())
+            nll[m] -= float(log_p[m][torch.arange(flat.shape[-1]), flat.long()][valid].sum())
             seen[m] += int(valid.sum()) * flat.shape[-1]
     out = {}
     for m in names:
         total = int(counts[m].sum())
         train = float(counts[m].max(axis=1).sum() / total) if total else math.nan
-        out[m] = UnigramBaseline(m, modes[m].astype(np.int64), train,
-                                 hit[m] / seen[m] if seen[m] else None)
+        out[m] = UnigramBaseline(m, modes[m].astype(np.int64), train, hit[m] / seen[m] if seen[m] else None,
+                                 nll[m] / seen[m] if seen[m] else None)
     return out
