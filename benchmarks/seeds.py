@@ -106,6 +106,15 @@ def tabulate(results: dict[int, dict]) -> tuple[list[dict], list[str]]:
                 " / ".join(f"{paired[s][v][m]['mean']:.3f} ± {paired[s][v][m]['std']:.3f}" for m in ("av", "audio", "visual"))
                 for s in seeds) + " |")
         lines.append("")
+        for v in variants:  # the paired test per seed: each fold's av minus its one modality
+            for m in ("audio", "visual"):
+                diffs = [paired[s][v].get(f"av-{m}") for s in seeds]
+                if all(diffs):
+                    wins = sum(d["mean"] > d["std"] for d in diffs)
+                    lines.append(f"- {v}: av beats {m} by more than the spread of the per-fold differences in "
+                                 f"{wins} of {len(seeds)} seeds (" + ", ".join(
+                                     f"{d['mean']:+.3f} ± {d['std']:.3f}" for d in diffs) + ")")
+        lines.append("")
     for frac in sorted({r["fraction"] for r in rows if r["fraction"] is not None}):
         for ev in sorted({r["eval"] for r in rows}):
             pre = next((r for r in rows if (r["variant"], r["fraction"], r["eval"]) == ("pretrained", frac, ev)),

@@ -92,6 +92,10 @@ def test_every_speaker_tested_once_and_model_beats_chance(trained):
     assert set(paired) == {"pretrained", "scratch"} and paired["pretrained"]["visual"]["n"] == 4
     assert paired["pretrained"]["visual"]["mean"] == pytest.approx(rows[("pretrained", "visual")]["uar"]["mean"])
     assert "## Audiovisual against each modality alone, on the same clips" in report
+    # the paired test: each fold's av minus its visual, on the same clips (4 folds)
+    pv = paired["pretrained"]
+    assert pv["av-visual"]["n"] == 4 and pv["av-visual"]["mean"] == pytest.approx(pv["av"]["mean"] - pv["visual"]["mean"])
+    assert "| av − audio | av − visual |" in report
     table = report[report.index("## Per test speaker"):].splitlines()
     speakers = [line.split(" | ")[0].strip("| ") for line in table if line.startswith("| spk")]
     assert len(speakers) == len(set(speakers)) == 4
