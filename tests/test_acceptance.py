@@ -3,13 +3,13 @@
 limit, 40 minutes, leaves room for a loaded machine).
 
 synth → tokenize → pretrain → finetune with a quarter of the labels, 4 speaker folds: the
-pretraining must learn more than each grid cell's most frequent face code (measured margin +0.11 to
-+0.14 over three seeds; +0.02 is asserted). On the voice this corpus's accuracy margin is noise
-around zero (−0.002 to +0.002 over three seeds with two threads, −0.016 with the one thread of a
+pretraining must learn more than each grid cell's most frequent face code (measured margin +0.10 to
++0.14 over six seeded runs; +0.02 is asserted). On the voice this corpus's accuracy margin is noise
+around zero (−0.004 to +0.002 over six seeded runs with two threads, −0.016 with the one thread of a
 CI run; a masked audio code is barely predictable from its context, docs/model-quality.md), so
 what is asserted is the held-out cross-entropy: below the per-position unigram's, by 0.1 nats per
-token for the face (measured 0.72 to 0.82) and at all for the voice (0.40 to 0.49 over three seeds
-with two threads, but 0.04 in the one-thread CI run, whose audio pretraining nearly stalled); the model fine-tuned from it must beat the same
+token for the face (measured 0.67 to 0.82) and at all for the voice (0.33 to 0.49 over six seeded
+runs with two threads, but 0.04 in the one-thread CI run, whose audio pretraining nearly stalled); the model fine-tuned from it must beat the same
 backbone trained from scratch on mean AV UAR, both far above chance, with the linear probe and both
 baselines in the same report.
 """

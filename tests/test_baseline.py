@@ -38,6 +38,15 @@ def test_histograms_are_per_position_frequencies(store):
         baseline.histogram_features(store, rows, "audio", pool=0)
 
 
+def test_speaker_centering_removes_each_speakers_mean_and_keeps_missing_rows_empty():
+    x = np.array([[1, 3], [3, 5], [0, 0], [10, 10], [10, 10]], np.float32)  # row 2: no modality
+    spk = np.array([0, 0, 0, 1, 1])
+    c = baseline.speaker_centered(x, spk)
+    np.testing.assert_allclose(c[:2], [[-1, -1], [1, 1]])  # speaker 0's mean over rows with features
+    assert not c[2].any()  # still "no features"
+    assert c[3].any() and c[4].any() and np.abs(c[3:]).max() < 1e-9  # a real clip never reads as empty
+
+
 def test_logistic_fit_separates_and_penalty_shrinks():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 20)
@@ -66,6 +75,10 @@ def test_token_rows_in_a_finetune_run(store, tmp_path):
     assert preds.splitlines()[0] == "mode,clip_id,speaker,target,prediction," + ",".join(CLASSES)
     assert "| tokens | 100% | av | 4 |" in result.report
     assert (tmp_path / "ft" / "confusion_tokens.png").exists()
+    # the histograms are centred per speaker, as the transformer's features (speaker_norm), and the
+    # saved model says so, so that `vqmae evaluate` centres another store's histograms the same way
+    meta, _ = baseline.load_models(tmp_path / "ft" / "units" / "tokens" / "frac1" / "fold0" / baseline.BASELINE_FILE)
+    assert meta["speaker_norm"] is True
 
 
 def test_token_baseline_regresses_and_skips_multilabel(store, tmp_path):

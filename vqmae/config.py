@@ -196,9 +196,9 @@ class FinetuneConfig:
     # "probe" (the pretrained encoder frozen, a linear head fitted to convergence on its
     # speaker-centred clip vectors), and the linear baselines on the same folds
     # (vqmae.stages.finetune.baseline; probe and baselines: classify and regress only, skipped
-    # with a warning for other tasks): "tokens", per-position code histograms with grid
-    # positions pooled in blocks of token_pool; "egemaps", openSMILE's eGeMAPSv02 functionals of the
-    # clip's audio, z-scored per speaker
+    # with a warning for other tasks): "tokens", per-position code histograms (grid positions pooled
+    # in blocks of token_pool), centred per speaker with speaker_norm; "egemaps", openSMILE's
+    # eGeMAPSv02 functionals of the clip's audio, z-scored per speaker
     inits: tuple[str, ...] = ("pretrained", "probe", "scratch", "tokens", "egemaps")
     token_pool: int = 4
     protocol: Literal["kfold", "loso", "split"] = "kfold"

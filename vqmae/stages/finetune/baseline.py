@@ -62,6 +62,19 @@ def histogram_features(store: TokenStore, rows: np.ndarray, modality: str, pool:
     return out
 
 
+def speaker_centered(feats: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    """Each speaker's mean row subtracted from its rows (rows with features only: a clip without
+    the modality stays an all-zero row), as the transformer's speaker normalisation does; a test
+    speaker's mean comes from its own unlabelled clips."""
+    out = np.zeros_like(feats)
+    has = feats.any(1)
+    for s in np.unique(speakers[has]):
+        rows = np.flatnonzero(has & (speakers == s))
+        out[rows] = feats[rows] - feats[rows].mean(0, dtype=np.float64).astype(feats.dtype)
+        out[rows[~out[rows].any(1)], 0] = 1e-12  # a real clip never reads as "no features"
+    return out
+
+
 def _pooled_positions(grid: tuple[int, ...], pool: int) -> np.ndarray:
     if pool < 1:
         raise ValueError(f"pool={pool} must be >= 1")
@@ -97,9 +110,11 @@ BASELINE_FILE = "baseline.npz"  # a unit's fitted baseline models, beside its re
 
 
 def save_models(path: Path, variant: str, models: Mapping[str, LinearModel], task: Task,
-                token_pool: int) -> None:
-    """One unit's fitted models ({mode: LinearModel}) and what rebuilding their features needs."""
-    meta = {"variant": variant, "modes": list(models), "task": task.to_dict(), "token_pool": token_pool}
+                token_pool: int, speaker_norm: bool = False) -> None:
+    """One unit's fitted models ({mode: LinearModel}) and what rebuilding their features needs
+    (``speaker_norm``: the bag of tokens was centred per speaker, `speaker_centered`)."""
+    meta = {"variant": variant, "modes": list(models), "task": task.to_dict(), "token_pool": token_pool,
+            "speaker_norm": bool(speaker_norm)}
     arrays = {k: v for mode, m in models.items() for k, v in m.arrays(mode).items()}
     buf = io.BytesIO()
     np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)

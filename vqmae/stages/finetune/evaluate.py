@@ -121,8 +121,9 @@ def evaluate(run_dir: str | Path, store_path: str | Path, out_dir: str | Path | 
 
 
 class _Features:
-    """Each baseline's features of the evaluated store, computed once: code histograms from its codes,
-    eGeMAPS from its clips' media (a noisy twin's noisy files), z-scored per speaker."""
+    """Each baseline's features of the evaluated store, computed once: code histograms from its codes
+    (centred per speaker where the unit's were), eGeMAPS from its clips' media (a noisy twin's noisy
+    files), z-scored per speaker."""
 
     def __init__(self, store: TokenStore, cache_dir: Path, groups: np.ndarray):
         self.store, self.cache_dir, self.groups = store, cache_dir, groups
@@ -130,12 +131,14 @@ class _Features:
 
     def get(self, meta: dict) -> dict[str, np.ndarray]:
         names = sorted({m for mode in meta["modes"] for m in baseline.mode_names(mode)})
-        key = (meta["variant"], meta["token_pool"], tuple(names))
+        centred = bool(meta.get("speaker_norm", False))  # absent: a run from before centring
+        key = (meta["variant"], meta["token_pool"], tuple(names), centred)
         if key not in self.done:
             rows = np.arange(self.store.n_clips)
             if meta["variant"] == "tokens":
-                self.done[key] = {m: baseline.histogram_features(self.store, rows, m, meta["token_pool"])
-                                  for m in names}
+                hist = {m: baseline.histogram_features(self.store, rows, m, meta["token_pool"]) for m in names}
+                self.done[key] = {m: baseline.speaker_centered(h, self.groups) if centred else h
+                                  for m, h in hist.items()}
             else:
                 raw = egemaps.store_features(self.store, self.cache_dir)
                 self.done[key] = {"audio": egemaps.speaker_normalized(raw, self.groups)}

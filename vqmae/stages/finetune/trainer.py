@@ -317,7 +317,7 @@ class Trainer:
                                     [(mode, out, rows) for mode, (rows, out) in outputs.items()])
             if models:  # `vqmae evaluate` scores them on other stores
                 baseline.save_models(out_dir / baseline.BASELINE_FILE, unit.variant, models, self.task,
-                                     self.fcfg.token_pool)
+                                     self.fcfg.token_pool, self.fcfg.speaker_norm and unit.variant == "tokens")
             atomic_write_json(out_dir / "result.json", res.to_dict())
         key = self.task.select_key
         log.info("%s: %s %s", unit.name, key, {m: round(v.get(key, math.nan), 3) for m, v in metrics.items()})
@@ -327,13 +327,16 @@ class Trainer:
         """{modality: float32 [n_clips, D]} and the test modes of a baseline, built once per run."""
         if variant not in self._features:
             rows = np.arange(self.store.n_clips)
-            if variant == "tokens":
-                self._features[variant] = {m: baseline.histogram_features(self.store, rows, m, self.fcfg.token_pool)
-                                           for m in self.bb.names}
+            if variant == "tokens":  # centred per speaker where the transformer is (speaker_norm)
+                self._features[variant] = {m: self._tokens_norm(baseline.histogram_features(
+                    self.store, rows, m, self.fcfg.token_pool)) for m in self.bb.names}
             else:
                 raw = egemaps.store_features(self.store, self.run, self.workers, self.reporter)
                 self._features[variant] = {"audio": egemaps.speaker_normalized(raw, self.group)}
         return self._features[variant], self.modes() if variant == "tokens" else ["audio"]
+
+    def _tokens_norm(self, x: np.ndarray) -> np.ndarray:
+        return baseline.speaker_centered(x, self.group) if self.fcfg.speaker_norm else x
 
     def _train_centers(self, model: EmotionModel, train: np.ndarray, audio_only: bool) -> torch.Tensor:
         """Each training speaker's mean clip vector per presence pattern (a center table): over its
