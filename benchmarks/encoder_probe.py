@@ -2,8 +2,8 @@
 
 For one modality of a token store, each clip is turned into a feature vector several ways, each
 speaker's mean is subtracted (as fine-tuning does), and a logistic regression is scored over
-speaker folds (UAR, mean ± std over folds; the penalty is chosen on the training speakers of each
-fold by an inner speaker split, never on the test speakers):
+speaker folds (UAR, mean ± std over folds; the penalty, from the baselines' grid, is chosen on the
+training speakers of each fold by an inner speaker split, never on the test speakers):
 
 - ``prosody-id functionals``: with prosody ids in the audio grid, 23 clip statistics of them (pitch
   level, spread, percentiles, slope and jumps over voiced frames; voiced fraction; energy level,
@@ -18,7 +18,7 @@ fold by an inner speaker split, never on the test speakers):
     python benchmarks/encoder_probe.py runs/speech/data/speech.zarr --mae runs/speech/pretrain/mae.pt
 
 A probe of the encoder far below the probe of the ids it reads means the pretraining did not carry
-the information into the features (docs/model-quality.md, "What the encoder keeps of the prosody ids").
+the information into the features (docs/model-quality.md, "What the encoder keeps of its tokens").
 """
 
 from __future__ import annotations
@@ -34,12 +34,9 @@ from vqmae.config import load_config
 from vqmae.models import mae as mae_module
 from vqmae.models.classifier import EmotionModel, load_encoder
 from vqmae.models.prosody_ids import N_IDS, SIZES, VOCAB
-from vqmae.stages.finetune.baseline import fit_logistic, histogram_features
+from vqmae.stages.finetune.baseline import PENALTIES, fit_logistic, histogram_features
 from vqmae.stages.finetune.data import ClipWindows, load_backbone, pooled_clips
 from vqmae.store import TokenStore
-
-PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)  # × ‖W‖², as the baselines' grid
-
 
 def uar(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
