@@ -34,26 +34,20 @@ from vqmae.config import load_config
 from vqmae.models import mae as mae_module
 from vqmae.models.classifier import EmotionModel, load_encoder
 from vqmae.models.prosody_ids import N_IDS, SIZES, VOCAB
-from vqmae.stages.finetune.baseline import PENALTIES, fit_logistic, histogram_features
+from vqmae.metrics import classification_metrics
+from vqmae.stages.finetune.baseline import PENALTIES, fit_logistic, histogram_features, speaker_centered
 from vqmae.stages.finetune.data import ClipWindows, load_backbone, pooled_clips
 from vqmae.store import TokenStore
-
-def uar(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
-
-
-def centred(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32).copy()
-    for s in np.unique(speakers):
-        x[speakers == s] -= x[speakers == s].mean(0)
-    return x
-
 
 def probe(x: np.ndarray, y: np.ndarray, speakers: np.ndarray, folds: list[np.ndarray]) -> tuple[float, float]:
     """Speaker-centred features → UAR mean and std over the speaker folds; the penalty of each fold
     chosen by a leave-one-group-out over its training speakers (in two groups)."""
-    x = centred(x, speakers)
+    x = speaker_centered(x.astype(np.float32), speakers)
     k = int(y.max()) + 1
+
+    def uar(rows: np.ndarray, model) -> float:
+        return classification_metrics(y[rows], model(x[rows]), k)["uar"]
+
     scores = []
     for test in folds:
         te = np.isin(speakers, test)
@@ -65,11 +59,11 @@ def probe(x: np.ndarray, y: np.ndarray, speakers: np.ndarray, folds: list[np.nda
             for val in inner:
                 va = np.isin(speakers, val) & ~te
                 tr = ~te & ~va
-                s += uar(y[va], fit_logistic(x[tr], y[tr], k, p)(x[va]).argmax(1))
+                s += uar(va, fit_logistic(x[tr], y[tr], k, p))
             if s > best:
                 best, best_p = s, p
         model = fit_logistic(x[~te], y[~te], k, best_p)
-        scores.append(uar(y[te], model(x[te]).argmax(1)))
+        scores.append(uar(te, model))
     return float(np.mean(scores)), float(np.std(scores, ddof=1))
 
 

@@ -62,17 +62,37 @@ def histogram_features(store: TokenStore, rows: np.ndarray, modality: str, pool:
     return out
 
 
-def speaker_centered(feats: np.ndarray, speakers: np.ndarray) -> np.ndarray:
-    """Each speaker's mean row subtracted from its rows (rows with features only: a clip without
-    the modality stays an all-zero row), as the transformer's speaker normalisation does; a test
-    speaker's mean comes from its own unlabelled clips."""
+def per_speaker(feats: np.ndarray, speakers: np.ndarray, scale: bool) -> np.ndarray:
+    """Each speaker's rows with that speaker's mean subtracted and, with ``scale``, divided by its
+    std (a speaker with one clip is centred only), over rows with features only: a clip without the
+    modality stays an all-zero row, and a real clip never reads as one."""
     out = np.zeros_like(feats)
     has = feats.any(1)
     for s in np.unique(speakers[has]):
         rows = np.flatnonzero(has & (speakers == s))
-        out[rows] = feats[rows] - feats[rows].mean(0, dtype=np.float64).astype(feats.dtype)
-        out[rows[~out[rows].any(1)], 0] = 1e-12  # a real clip never reads as "no features"
+        if scale:
+            x = feats[rows].astype(np.float64)
+            std = x.std(0) if len(rows) > 1 else np.ones(x.shape[1])
+            out[rows] = ((x - x.mean(0)) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
+        else:
+            out[rows] = feats[rows] - feats[rows].mean(0, dtype=np.float64).astype(feats.dtype)
+        out[rows[~out[rows].any(1)], 0] = 1e-12
     return out
+
+
+def speaker_centered(feats: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    """Each speaker's mean row subtracted from its rows (`per_speaker`), as the transformer's speaker
+    normalisation does; a test speaker's mean comes from its own unlabelled clips."""
+    return per_speaker(feats, speakers, scale=False)
+
+
+def token_features(store: TokenStore, names: Sequence[str], pool: int, groups: np.ndarray | None
+                   ) -> dict[str, np.ndarray]:
+    """The bag of tokens' features of every clip of ``store``: {modality: `histogram_features`},
+    centred per speaker (`speaker_centered`) with ``groups`` (speaker id per row), raw without."""
+    rows = np.arange(store.n_clips)
+    hist = {m: histogram_features(store, rows, m, pool) for m in names}
+    return hist if groups is None else {m: speaker_centered(h, groups) for m, h in hist.items()}
 
 
 def _pooled_positions(grid: tuple[int, ...], pool: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 
 from vqmae.isolate import isolated_map
 from vqmae.media import MediaError, read_audio
+from vqmae.stages.finetune.baseline import per_speaker
 from vqmae.store import TokenStore
 from vqmae.training import Reporter
 from vqmae.utils import atomic_write_bytes
@@ -107,16 +108,7 @@ def store_features(store: TokenStore, cache_dir: Path | None = None, workers: in
 def speaker_normalized(feats: np.ndarray, speakers: np.ndarray) -> np.ndarray:
     """Each speaker's rows z-scored with that speaker's mean and std (rows with features only; a
     speaker with one clip is centred only). Zero rows stay zero (no features)."""
-    out = np.zeros_like(feats)
-    has = feats.any(1)
-    for s in np.unique(speakers[has]):
-        rows = np.flatnonzero(has & (speakers == s))
-        x = feats[rows].astype(np.float64)
-        std = x.std(0) if len(rows) > 1 else np.ones(x.shape[1])
-        z = (x - x.mean(0)) / np.where(std > 1e-8, std, 1.0)
-        out[rows] = z.astype(np.float32)
-        out[rows[~out[rows].any(1)], 0] = 1e-12  # a real clip never reads as "no features"
-    return out
+    return per_speaker(feats, speakers, scale=True)
 
 
 def _read_cache(cache_dir: Path | None, ids: list[str]) -> np.ndarray | None:

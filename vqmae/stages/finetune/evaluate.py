@@ -134,11 +134,9 @@ class _Features:
         centred = bool(meta.get("speaker_norm", False))  # absent: a run from before centring
         key = (meta["variant"], meta["token_pool"], tuple(names), centred)
         if key not in self.done:
-            rows = np.arange(self.store.n_clips)
             if meta["variant"] == "tokens":
-                hist = {m: baseline.histogram_features(self.store, rows, m, meta["token_pool"]) for m in names}
-                self.done[key] = {m: baseline.speaker_centered(h, self.groups) if centred else h
-                                  for m, h in hist.items()}
+                self.done[key] = baseline.token_features(self.store, names, meta["token_pool"],
+                                                         self.groups if centred else None)
             else:
                 raw = egemaps.store_features(self.store, self.cache_dir)
                 self.done[key] = {"audio": egemaps.speaker_normalized(raw, self.groups)}

@@ -326,17 +326,13 @@ class Trainer:
     def _baseline_features(self, variant: str) -> tuple[dict[str, np.ndarray], list[str]]:
         """{modality: float32 [n_clips, D]} and the test modes of a baseline, built once per run."""
         if variant not in self._features:
-            rows = np.arange(self.store.n_clips)
             if variant == "tokens":  # centred per speaker where the transformer is (speaker_norm)
-                self._features[variant] = {m: self._tokens_norm(baseline.histogram_features(
-                    self.store, rows, m, self.fcfg.token_pool)) for m in self.bb.names}
+                self._features[variant] = baseline.token_features(
+                    self.store, self.bb.names, self.fcfg.token_pool, self.group if self.fcfg.speaker_norm else None)
             else:
                 raw = egemaps.store_features(self.store, self.run, self.workers, self.reporter)
                 self._features[variant] = {"audio": egemaps.speaker_normalized(raw, self.group)}
         return self._features[variant], self.modes() if variant == "tokens" else ["audio"]
-
-    def _tokens_norm(self, x: np.ndarray) -> np.ndarray:
-        return baseline.speaker_centered(x, self.group) if self.fcfg.speaker_norm else x
 
     def _train_centers(self, model: EmotionModel, train: np.ndarray, audio_only: bool) -> torch.Tensor:
         """Each training speaker's mean clip vector per presence pattern (a center table): over its
